@@ -1,0 +1,20 @@
+"""llavakit: LLaVA, LLaVA-NeXT and LLaVA-OneVision from Hugging Face checkpoints, in plain PyTorch."""
+
+from .api import VLM, ChatOutput, load
+from .engine.sampling import SamplingParams
+from .errors import (
+    ConfigError,
+    GenerationError,
+    ImageError,
+    LlavakitError,
+    PromptError,
+    TokenFeatureMismatch,
+    WeightsError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "VLM", "ChatOutput", "SamplingParams", "LlavakitError", "ConfigError", "WeightsError",
+    "ImageError", "PromptError", "TokenFeatureMismatch", "GenerationError", "__version__",
+]

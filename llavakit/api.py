@@ -1,0 +1,227 @@
+"""The Python surface: `load()` a checkpoint, then `chat`, `generate`, `prepare`, `forward` on the VLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import LlavaConfig
+from .engine.generate import generate as _generate
+from .engine.sampling import SamplingParams
+from .errors import ConfigError, GenerationError
+from .processing.processor import Batch, Processor
+from .weights import load_model, read_config, resolve_model_dir, save_weights
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+# Files that describe a checkpoint besides its weights; save_pretrained copies them.
+_SIDE_FILES = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+
+
+@dataclass(frozen=True)
+class ChatOutput:
+    """One finished answer."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: LlavaConfig) -> torch.dtype:
+    """A torch dtype from a dtype, its name, or None/"auto" (the checkpoint's; float16 runs as bfloat16 on CPU)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+        return dtype
+    if dtype is None or dtype == "auto":
+        stored = cfg.source.get("dtype") or cfg.source.get("torch_dtype") or "float32"
+        # Half-precision matmuls on CPUs are slow and overflow-prone; bfloat16 keeps the memory saving.
+        return torch.bfloat16 if stored in ("float16", "bfloat16") else torch.float32
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))} or 'auto'.")
+
+
+def _eos_ids(folder: Path, cfg: LlavaConfig, processor: Processor) -> set[int]:
+    """End-of-sequence ids: generation_config.json's (what transformers' generate stops on), else config and tokenizer."""
+    gen = folder / "generation_config.json"
+    ids: set[int] = set()
+    if gen.is_file():
+        try:
+            value = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{gen} is not valid JSON: {e}") from e
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if not ids:
+        ids.update(cfg.text.eos_token_ids)
+        tok_eos = processor.tokenizer.token_id(processor.tokenizer.eos_token)
+        if tok_eos is not None:
+            ids.add(tok_eos)
+    return {int(i) for i in ids}
+
+
+class VLM:
+    """A loaded LLaVA model with its processor. Build it with `llavakit.load()`."""
+
+    def __init__(self, model, processor: Processor, cfg: LlavaConfig, folder: Path, eos_ids: set[int]):
+        self.model = model
+        self.processor = processor
+        self.config = cfg
+        self.folder = folder
+        self.eos_ids = eos_ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    # -- inputs -------------------------------------------------------------------------------
+    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
+        """Token ids (left-padded), attention mask and pixel values for a list of conversations."""
+        if conversations and isinstance(conversations[0], dict):
+            raise GenerationError("prepare() takes a list of conversations; wrap a single one in a list.")
+        return self.processor.prepare(conversations, add_generation_prompt)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits (B, T, V) as float32 for every position of a prepared batch."""
+        mask = batch.attention_mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        valid = mask.bool() if bool((mask == 0).any()) else None
+        with torch.inference_mode():
+            feats = None
+            if batch.pixel_values is not None:
+                feats = self.model.encode_images(batch.pixel_values.to(self.device)).flatten(0, 1)
+            embeds = self.model.embed(batch.input_ids.to(self.device), feats)
+            return self.model.decode(embeds, positions, valid, None, last_only=False).float()
+
+    # -- generation ---------------------------------------------------------------------------
+    def _params(self, sampling: SamplingParams | None, **values) -> SamplingParams:
+        return sampling if sampling is not None else SamplingParams(**values)
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: tuple[str, ...] | list[str] | str = (),
+        stream: bool = False,
+        sampling: SamplingParams | None = None,
+    ) -> ChatOutput | Iterator[str]:
+        """Answer one conversation. With `stream=True`, return an iterator of text pieces instead.
+
+        `sampling` replaces the individual sampling arguments when given.
+        """
+        params = self._params(sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        batch = self.prepare([messages])
+        if stream:
+            return self._stream(batch, params)
+        return self._run(batch, [params])[0]
+
+    def generate(self, conversations: list[Any], sampling: SamplingParams | list[SamplingParams] | None = None) -> list[ChatOutput]:
+        """Answer many conversations in one left-padded batch; results come back in order."""
+        if isinstance(sampling, list):
+            if len(sampling) != len(conversations):
+                raise GenerationError(f"{len(sampling)} sampling params given for {len(conversations)} conversations.")
+            params = sampling
+        else:
+            params = [sampling or SamplingParams()] * len(conversations)
+        return self._run(self.prepare(conversations), params)
+
+    def _stream(self, batch: Batch, params: SamplingParams) -> Iterator[str]:
+        for step in _generate(self.model, self.processor.tokenizer, batch, [params], self.eos_ids):
+            for delta in step:
+                if delta.text:
+                    yield delta.text
+
+    def _run(self, batch: Batch, params: list[SamplingParams]) -> list[ChatOutput]:
+        texts = [[] for _ in params]
+        ids = [[] for _ in params]
+        reasons = ["length"] * len(params)
+        for step in _generate(self.model, self.processor.tokenizer, batch, params, self.eos_ids):
+            for d in step:
+                texts[d.row].append(d.text)
+                ids[d.row].append(d.token_id)
+                if d.finish_reason:
+                    reasons[d.row] = d.finish_reason
+        prompt_lens = batch.attention_mask.sum(-1).tolist()
+        return [ChatOutput("".join(texts[i]), ids[i], reasons[i], int(prompt_lens[i]), len(ids[i]))
+                for i in range(len(params))]
+
+    # -- persistence and introspection --------------------------------------------------------
+    def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write a Hugging Face checkpoint folder (weights in this model's dtype, plus every side file)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if out.resolve() != self.folder.resolve():
+            for pattern in _SIDE_FILES:
+                for f in self.folder.glob(pattern):
+                    if f.name != "model.safetensors.index.json":
+                        shutil.copyfile(f, out / f.name)
+        config = dict(self.config.source)
+        config["dtype"] = str(self.dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_weights(self.model, out, max_shard_bytes)
+        return out
+
+    def info(self) -> dict:
+        """Architecture, sizes, special token ids and template of this checkpoint."""
+        cfg, tok = self.config, self.processor.tokenizer
+        n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        return {
+            "folder": str(self.folder),
+            "model_type": cfg.model_type,
+            "text_model": cfg.text.model_type,
+            "vision_model": cfg.vision.model_type,
+            "parameters": n_params,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "text": {"layers": cfg.text.num_layers, "hidden_size": cfg.text.hidden_size,
+                     "heads": cfg.text.num_heads, "kv_heads": cfg.text.num_kv_heads, "vocab_size": cfg.text.vocab_size,
+                     "rope": cfg.text.rope.kind, "rope_theta": cfg.text.rope.theta,
+                     "sliding_window": next((w for w in cfg.text.sliding_windows if w), None),
+                     "tied_embeddings": cfg.tie_word_embeddings},
+            "vision": {"layers": cfg.vision.num_layers, "hidden_size": cfg.vision.hidden_size,
+                       "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size,
+                       "feature_layers": list(cfg.vision_feature_layers), "select_strategy": cfg.select_strategy},
+            "image_tokens_per_image": self.processor.features_per_image,
+            "tokens": {"image": [tok.image_token, cfg.image_token_id], "bos": [tok.bos_token, tok.token_id(tok.bos_token)],
+                       "eos": sorted(self.eos_ids), "pad": self.processor.pad_token_id},
+            "chat_template": self.processor.chat_template,
+        }
+
+
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device: str = "cpu",
+         revision: str | None = None) -> VLM:
+    """Load a LLaVA checkpoint from a local Hugging Face folder or a hub id.
+
+    dtype: a torch dtype or its name ("float32", "bfloat16", "float16"), or "auto" for the checkpoint's
+    own (float16 checkpoints run as bfloat16 on CPU).
+    """
+    folder = resolve_model_dir(name_or_path, revision)
+    cfg = read_config(folder)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    processor = Processor.load(folder, cfg)
+    model = load_model(folder, cfg, torch_dtype).to(device)
+    return VLM(model, processor, cfg, folder, _eos_ids(folder, cfg, processor))

@@ -1,0 +1,289 @@
+"""Frozen, typed model configs parsed once from a Hugging Face `config.json`.
+
+`LlavaConfig.from_hf(dict)` reads named keys, fills the defaults transformers would fill
+(published configs often omit them: llava-1.5-7b-hf's `text_config` lists only seven keys),
+accepts both the transformers 4.x and 5.x spellings, and raises `ConfigError` on anything
+llavakit does not support. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .anyres import tile_feature_count
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_VISION_TYPES = ("clip_vision_model",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_STRATEGIES = ("default", "full")
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu")
+
+# The defaults of transformers' own config classes, used for every key a config omits.
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, attention_bias=False, bos_token_id=1,
+                  eos_token_id=2),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                    sliding_window=4096, bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28, bos_token_id=None, eos_token_id=None),
+}
+_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+# LlavaConfig's default tower when `vision_config` is absent: CLIP ViT-L/14-336.
+_LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                             num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+
+
+def _get(d: dict, key: str, defaults: dict, fallback: Any = None) -> Any:
+    """`d[key]` when present and not None, else the family default, else `fallback`."""
+    value = d.get(key)
+    if value is None:
+        value = defaults.get(key, fallback)
+    return value
+
+
+def _check_act(name: str, where: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{where} = {name!r} is not supported; supported activations: {', '.join(ACTIVATIONS)}.")
+    return name
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters (transformers 5 `rope_parameters`, 4.x `rope_theta`+`rope_scaling`)."""
+
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0  # linear and llama3: how much longer the context became
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "RopeConfig":
+        """Read either spelling; `rope_parameters` (5.x) wins over `rope_theta`/`rope_scaling` (4.x)."""
+        params = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or {}
+        merged = {**scaling, **params}
+        theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
+        kind = merged.get("rope_type", merged.get("type", "default"))
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope type {kind!r} is not supported; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}."
+            )
+        return cls(
+            theta=float(theta),
+            kind=kind,
+            factor=float(merged.get("factor", 1.0)),
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT vision tower. CLIP: class token, pre-layernorm, quick_gelu."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int  # square input side in pixels
+    patch_size: int
+    num_channels: int
+    layer_norm_eps: float
+    hidden_act: str
+
+    @property
+    def has_class_token(self) -> bool:
+        """CLIP prepends a class token; SigLIP does not."""
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "VisionConfig":
+        """Parse a `vision_config` dict, filling CLIPVisionConfig's defaults."""
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type not in SUPPORTED_VISION_TYPES:
+            raise ConfigError(
+                f"vision_config.model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_VISION_TYPES)}."
+            )
+        g = lambda k: _get(d, k, _CLIP_DEFAULTS)  # noqa: E731
+        cfg = cls(
+            model_type=model_type,
+            hidden_size=int(g("hidden_size")),
+            intermediate_size=int(g("intermediate_size")),
+            num_layers=int(g("num_hidden_layers")),
+            num_heads=int(g("num_attention_heads")),
+            image_size=int(g("image_size")),
+            patch_size=int(g("patch_size")),
+            num_channels=int(g("num_channels")),
+            layer_norm_eps=float(g("layer_norm_eps")),
+            hidden_act=_check_act(g("hidden_act"), "vision_config.hidden_act"),
+        )
+        if cfg.hidden_size % cfg.num_heads:
+            raise ConfigError(f"vision hidden_size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads.")
+        return cfg
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A decoder-only language model: Llama (also Vicuna, Llama-3, Yi), Mistral or Qwen2."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # grouped-query attention: each kv head serves num_heads // num_kv_heads query heads
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    rope: RopeConfig
+    qkv_bias: bool  # Qwen2: always; Llama: when attention_bias
+    o_bias: bool  # Llama with attention_bias only
+    mlp_bias: bool
+    # One entry per layer: the attention window in tokens, or None for full attention.
+    sliding_windows: tuple[int | None, ...]
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "TextConfig":
+        """Parse a `text_config` dict, filling the family's transformers defaults."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_TEXT_TYPES:
+            raise ConfigError(
+                f"text_config.model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_TEXT_TYPES)}."
+            )
+        defaults = _TEXT_DEFAULTS[model_type]
+        g = lambda k, fb=None: _get(d, k, defaults, fb)  # noqa: E731
+        hidden, heads = int(g("hidden_size")), int(g("num_attention_heads"))
+        layers = int(g("num_hidden_layers"))
+        attention_bias = bool(g("attention_bias", False))
+        eos = g("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(g("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(g("intermediate_size")),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(g("num_key_value_heads", heads)),
+            head_dim=int(g("head_dim", hidden // heads)),
+            rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
+            hidden_act=_check_act(g("hidden_act", "silu"), "text_config.hidden_act"),
+            max_position_embeddings=int(g("max_position_embeddings")),
+            rope=RopeConfig.from_hf(d),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(g("mlp_bias", False)),
+            sliding_windows=_sliding_windows(model_type, d, defaults, layers),
+            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+            bos_token_id=g("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=g("pad_token_id"),
+        )
+
+
+def _sliding_windows(model_type: str, d: dict, defaults: dict, layers: int) -> tuple[int | None, ...]:
+    """Per-layer attention window, as transformers decides it for each family."""
+    # An explicit null means "no window" (Mistral v0.2); only a missing key takes the default.
+    window = d["sliding_window"] if "sliding_window" in d else defaults.get("sliding_window")
+    if model_type == "llama":
+        return (None,) * layers
+    if model_type == "mistral":
+        return (int(window) if window else None,) * layers
+    # qwen2: windows only when use_sliding_window, on layers from max_window_layers on (or as layer_types says).
+    if not d.get("use_sliding_window", False) or not window:
+        return (None,) * layers
+    types = d.get("layer_types")
+    if types is None:
+        first = int(_get(d, "max_window_layers", defaults))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """The whole vision-language model: tower, projector, decoder and how they meet."""
+
+    model_type: str
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    vision_feature_layers: tuple[int, ...]  # hidden-state indices, concatenated along features when > 1
+    select_strategy: str  # "default" drops the class token, "full" keeps every token
+    projector_act: str
+    projector_bias: bool
+    tie_word_embeddings: bool
+    # The dict this config came from, written back unchanged by save_pretrained.
+    source: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def image_features_per_tile(self) -> int:
+        """Number of projected features one tower input yields (576 for CLIP-L/14-336 with `default`)."""
+        v = self.vision
+        return tile_feature_count(v.image_size, v.patch_size, v.has_class_token, self.select_strategy)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlavaConfig":
+        """Parse a top-level `config.json` dict; raises ConfigError naming what is supported."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json must hold a JSON object, found {type(d).__name__}.")
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; supported model types: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        vision = VisionConfig.from_hf(d.get("vision_config") or _LLAVA_VISION_DEFAULT)
+        text = TextConfig.from_hf(d.get("text_config") or {"model_type": "llama"})
+        layer = d.get("vision_feature_layer", -2)
+        layers = tuple(int(x) for x in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
+        n_states = vision.num_layers + 1
+        for x in layers:
+            if not -n_states <= x < n_states:
+                raise ConfigError(
+                    f"vision_feature_layer {x} is out of range for a tower with {vision.num_layers} layers "
+                    f"(valid: {-n_states}..{n_states - 1})."
+                )
+        strategy = d.get("vision_feature_select_strategy", "default")
+        if strategy not in SUPPORTED_STRATEGIES:
+            raise ConfigError(
+                f"vision_feature_select_strategy {strategy!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_STRATEGIES)}."
+            )
+        image_token = d.get("image_token_id", d.get("image_token_index", 32000))
+        # LlavaConfig forwards a tied text config to the top level (transformers' __post_init__).
+        tie = bool(d.get("tie_word_embeddings", False)) or text.tie_word_embeddings
+        return cls(
+            model_type=model_type,
+            vision=vision,
+            text=text,
+            image_token_id=int(image_token),
+            vision_feature_layers=layers,
+            select_strategy=strategy,
+            projector_act=_check_act(d.get("projector_hidden_act", "gelu"), "projector_hidden_act"),
+            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            tie_word_embeddings=tie,
+            source=d,
+        )

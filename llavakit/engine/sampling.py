@@ -1,0 +1,85 @@
+"""Sampling parameters and the logits → token step, per sequence.
+
+The order of operations is transformers' own (repetition penalty, then temperature, top-k,
+top-p), so seeded sampling draws from the same distribution; temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep only the k most likely tokens; 0 = off
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or the output
+    seed: int | None = None  # fixes the draws of this request, whatever else is in the batch
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks with forced lengths)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationError(f"{message}; got {self!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: seen tokens' logits divided by `penalty` if positive, else multiplied."""
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p on a (V,) float32 row; removed tokens get -inf."""
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        k = min(p.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - p.top_p
+        remove[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return logits
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits (V,).
+
+    seen: 1-D long tensor of the prompt and generated ids (for the repetition penalty).
+    """
+    logits = logits.float()
+    if p.repetition_penalty != 1.0:
+        logits = penalize(logits, seen, p.repetition_penalty)
+    if p.greedy:
+        return int(torch.argmax(logits))
+    probs = warp(logits, p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

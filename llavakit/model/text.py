@@ -1,0 +1,162 @@
+"""Llama / Mistral / Qwen2 decoder with an explicit KV cache.
+
+The three families differ only in switches read from `TextConfig`: qkv bias (Qwen2), per-layer
+sliding windows (Mistral, Qwen2 when enabled), rope scaling (Llama-3). The model knows nothing of
+batching policy: callers pass positions, the valid-key mask and the cache.
+
+Dimension letters: B batch, T new tokens, S keys (cached + new), D width, H query heads,
+Hkv key/value heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .layers import RMSNorm, activation, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values, per layer (B, Hkv, capacity, hd).
+
+    Rows of a batch share one write position (`length`) because batches are left-padded; the
+    `valid` mask passed to the model tells which slots hold real tokens.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
+        """Zeroed cache for `batch` sequences of at most `capacity` tokens."""
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def attention_mask(valid: torch.Tensor | None, start: int, t: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask, True where a query may attend; None when plain causal suffices.
+
+    valid: (B, S) bool, False at padding slots. Query t sits at key index start + t. A query
+    always sees itself, so that padding rows stay finite instead of softmaxing an empty set.
+    """
+    s = start + t
+    if valid is None and window is None and start == 0 and t > 1:
+        return None  # SDPA's is_causal fast path
+    if valid is None and window is None and t == 1:
+        return None  # one new token attends to every cached one
+    q_idx = torch.arange(start, s, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(s, device=device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if valid is not None:
+        allowed = allowed & valid[:, None, None, :s]
+    return allowed | (k_idx == q_idx)[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            end = cache.length + t
+            cache.keys[layer_idx][:, :, cache.length : end] = k
+            cache.values[layer_idx][:, :, cache.length : end] = v
+            k, v = cache.keys[layer_idx][:, :, :end], cache.values[layer_idx][:, :, :end]  # (B, Hkv, S, hd)
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, window: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, window)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and final norm; `lm_head` lives on the top-level model."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.sliding_windows)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Run the decoder on new tokens.
+
+        embeds: (B, T, D) input embeddings. positions: (B, T) rope positions.
+        valid: (B, S) bool over cache slots [0, start + T) (None: no padding anywhere).
+        cache: written at [length, length + T) and advanced; None runs without one.
+        Returns final-normed hidden states (B, T, D).
+        """
+        t = embeds.shape[1]
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + t > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + t} were asked for")
+        cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
+        masks = {w: attention_mask(valid, start, t, w, embeds.device) for w in set(self.cfg.sliding_windows)}
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[self.cfg.sliding_windows[i]], i, cache)
+        if cache is not None:
+            cache.length += t
+        return self.norm(x)

@@ -1,0 +1,1 @@
+"""Turning raw images, videos and conversations into model inputs (torch-free)."""

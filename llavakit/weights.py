@@ -1,0 +1,221 @@
+"""Find a checkpoint folder, read its weights into a model, write them back.
+
+Weights load from safetensors (single file or sharded), memory-mapped, each tensor converted
+once to the requested dtype; a legacy `pytorch_model*.bin` only through
+`torch.load(weights_only=True)`. Both key layouts of published checkpoints map onto llavakit's
+module names, which are Hugging Face's own names without the wrapper prefixes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import LlavaConfig
+from .errors import ConfigError, WeightsError
+
+# (checkpoint prefix, llavakit prefix); the first match wins, so longer prefixes come first.
+_KEY_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+)
+# Buffers that older checkpoints saved and that llavakit recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+# Files a hub download fetches: everything but weights in other formats.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def canonical_key(key: str) -> str:
+    """Map a checkpoint key of any published layout onto llavakit's parameter name."""
+    for old, new in _KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _published_key(name: str) -> str:
+    """The layout llava-hf checkpoints use on the hub, which transformers 4.x and 5.x both read."""
+    for prefix, out in (
+        ("language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("vision_tower.", "vision_tower.vision_model."),
+    ):
+        if name.startswith(prefix):
+            return out + name[len(prefix) :]
+    return name
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder, or a hub id fetched (or found in the local cache) with huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise ConfigError(f"{text!r} is not a checkpoint folder; pass a folder with config.json or a hub id like org/name.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise ConfigError(
+            f"{text!r} is not a local folder and is not in the hub cache, and it could not be downloaded "
+            f"({e.__class__.__name__}). Check the id and your connection, or unset HF_HUB_OFFLINE."
+        ) from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConfigError(f"could not fetch {text!r} from the hub: {e}") from e
+
+
+def read_config(folder: Path) -> LlavaConfig:
+    """Parse `folder/config.json` into a LlavaConfig."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return LlavaConfig.from_hf(raw)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint, shards in index order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index} is not a valid shard index: {e}") from e
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{index.name} lists shards that are not in {folder}: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    legacy = sorted(folder.glob("pytorch_model*.bin"))
+    if legacy:
+        return legacy
+    raise WeightsError(
+        f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json with its shards."
+    )
+
+
+def _read_tensors(path: Path):
+    """Yield (key, tensor) from one weight file; corrupt or truncated files raise WeightsError."""
+    if path.suffix == ".bin":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise WeightsError(f"cannot read {path.name}: {e}. Convert it to safetensors or download it again.") from e
+        yield from state.items()
+        return
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(
+            f"{path.name} is corrupt or truncated ({e}); download it again or re-save the checkpoint."
+        ) from e
+
+
+def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read every weight of `folder` under llavakit names, floats converted to `dtype`.
+
+    Raises WeightsError listing missing and unexpected keys against `model`'s parameters.
+    """
+    tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
+    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for path in weight_files(folder):
+        for key, tensor in _read_tensors(path):
+            name = canonical_key(key)
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing = sorted(expected - state.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} weight(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {len(unexpected)} weight(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            )
+        raise WeightsError(
+            f"weights in {folder} do not match the architecture in config.json: " + "; ".join(parts) + "."
+        )
+    return state
+
+
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `state` into a model built on the meta device, checking every shape first."""
+    params = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs config {tuple(params[k].shape)}" for k, v in state.items()
+           if tuple(v.shape) != tuple(params[k].shape)]
+    if bad:
+        raise WeightsError("weight shapes do not match config.json: " + "; ".join(bad[:6]))
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def save_weights(model: torch.nn.Module, folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the model's weights in the published layout, sharded above `max_shard_bytes`."""
+    tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][_published_key(name)] = tensor.detach().contiguous()
+        size += nbytes
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`."""
+    from .model.llava import LlavaModel
+    from .model.layers import rope_inv_freq
+
+    with torch.device("meta"):
+        model = LlavaModel(cfg)
+    assign_weights(model, load_state(folder, model, dtype))
+    model.tie_weights()
+    # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.
+    model.language_model.inv_freq = rope_inv_freq(cfg.text.rope, cfg.text.head_dim)
+    return model.eval()

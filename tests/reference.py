@@ -1,0 +1,140 @@
+"""Tiny random LLaVA checkpoints built with transformers, the test-only reference.
+
+Everything here imports transformers; llavakit itself never does. Each builder writes a
+complete Hugging Face folder (config, safetensors, tokenizer, processor files, chat template)
+with `save_pretrained`, exactly as a published checkpoint looks to a loader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "What is in the picture? A cat sits on a red mat next to a blue ball.",
+    "Describe the image in detail. There is a dog, a tree, and the sky is bright.",
+    "How many people are there? Two people walk along the beach at sunset.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+    "Ünïcödé tëxt, 日本語のテキスト, emoji 🙂 and symbols: {}[]()<>!?.,;:'\"",
+    "USER: ASSISTANT: [INST] [/INST] system user assistant",
+]
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tokenizer(add_bos: bool):
+    """A byte-level BPE tokenizer trained on a small corpus, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def text_config(family: str, vocab_size: int, **extra):
+    """A tiny decoder config of the given family (llama, mistral, qwen2)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    common.update(extra)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return cls(**common)
+
+
+def make_llava(
+    out: Path,
+    family: str = "llama",
+    vision_feature_layer=-2,
+    strategy: str = "default",
+    image_size: int = 56,
+    patch_size: int = 14,
+    tie: bool = False,
+    seed: int = 0,
+    text_extra: dict | None = None,
+    template: str | None = LLAVA_TEMPLATE,
+) -> Path:
+    """Write a tiny random `model_type: llava` checkpoint folder and return its path."""
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+    )
+
+    out = Path(out)
+    tokenizer = build_tokenizer(add_bos=family != "qwen2")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(tokenizer) + 12  # published vocabularies are padded past the tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-5,
+    )
+    tcfg = text_config(family, vocab, tie_word_embeddings=tie, **(text_extra or {}))
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=tcfg, image_token_index=image_id,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong weight shows.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(out)
+    improc = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        resample=3, do_center_crop=True,
+    )
+    proc = LlavaProcessor(
+        image_processor=improc, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1, chat_template=template,
+    )
+    proc.save_pretrained(out)
+    return out
+
+
+def load_reference(path: Path):
+    """Load (model, processor) with transformers, eager float32, for comparison."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    return model, proc
+
+
+if __name__ == "__main__":
+    import sys
+
+    p = make_llava(Path(sys.argv[1]), family=sys.argv[2] if len(sys.argv) > 2 else "llama")
+    for f in sorted(p.iterdir()):
+        print(f.name)
+    print(json.dumps(json.loads((p / "tokenizer_config.json").read_text()), indent=1)[:1500])
