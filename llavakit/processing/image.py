@@ -232,7 +232,8 @@ def _parse_crop(crop: Any) -> tuple[int | None, int | None]:
     if isinstance(crop, dict) and {k for k, v in crop.items() if v is not None} == {"height", "width"}:
         return _positive_int(crop["height"], "crop_size.height"), _positive_int(crop["width"], "crop_size.width")
     raise ConfigError(
-        f"Image processor crop_size = {crop!r} is not supported; expected {{'height': H, 'width': W}}, [H, W] or an int."
+        f"Image processor crop_size = {crop!r} is not supported; "
+        "expected {'height': H, 'width': W}, [H, W] or an int."
     )
 
 
@@ -386,7 +387,7 @@ def _resize_size(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[in
         return cfg.size_height, cfg.size_width  # type: ignore[return-value]
     size = cfg.size_shortest_edge
     short, long = (width, height) if width <= height else (height, width)
-    new_long = round(size * long / short)  # truncates, as transformers does (not round)
+    new_long = int(size * long / short)  # truncates, as transformers does (not round)
     return (new_long, size) if width <= height else (size, new_long)
 
 

@@ -321,7 +321,8 @@ def test_from_hf_defaults_and_ints():
     assert cfg == ImageProcessorConfig(size_shortest_edge=336, crop_height=336, crop_width=336)
     assert ImageProcessorConfig.from_hf({}) == ImageProcessorConfig()
     # LLaVA-NeXT's do_pad pads a batch of tiles, not the image to a square
-    assert ImageProcessorConfig.from_hf({"image_processor_type": "LlavaNextImageProcessor", "do_pad": True}).do_pad is False
+    next_cfg = {"image_processor_type": "LlavaNextImageProcessor", "do_pad": True}
+    assert ImageProcessorConfig.from_hf(next_cfg).do_pad is False
     assert ImageProcessorConfig.from_hf({"image_processor_type": "LlavaImageProcessorPil", "do_pad": True}).do_pad
 
 

@@ -1,0 +1,165 @@
+"""Command line: one plain function per subcommand.
+
+    llavakit chat [--model DIR] [--image PATH ...] ["question"]   one streamed answer, or an interactive chat
+    llavakit info [--model DIR]                                   architecture, sizes, token ids, template
+    llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import LlavakitError
+
+HELP_INTERACTIVE = """commands: /image PATH attaches an image to your next message, /reset starts over,
+/quit (or Ctrl-D) leaves; anything else is sent as your message."""
+
+
+def default_model_dir() -> Path:
+    """The model used when --model is not given: a tiny random-weight checkpoint, built on first use."""
+    home = Path(os.environ.get("LLAVAKIT_HOME", Path.home() / ".cache" / "llavakit"))
+    folder = home / "tiny-random"
+    if not (folder / "model.safetensors").is_file():
+        from .random_init import make_random_checkpoint
+
+        print(f"[llavakit] building the default demo model (random weights) in {folder}", file=sys.stderr)
+        make_random_checkpoint(folder, preset="tiny")
+    return folder
+
+
+def _load(args):
+    import llavakit
+
+    model = args.model or default_model_dir()
+    if not args.model:
+        print("[llavakit] no --model given: using a tiny model with random weights; its answers are noise.",
+              file=sys.stderr)
+    return llavakit.load(model, dtype=args.dtype)
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]}
+
+
+def _answer(vlm, messages, args) -> str:
+    """Stream one answer to stdout and return its full text."""
+    pieces = []
+    for piece in vlm.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop), stream=True):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def cmd_chat(args) -> int:
+    """Answer one question (prompt given) or hold an interactive multi-turn chat (no prompt)."""
+    vlm = _load(args)
+    system = [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
+    if args.prompt is not None:
+        _answer(vlm, system + [_user_message(args.prompt, args.image)], args)
+        return 0
+    history, pending = list(system), list(args.image)
+    print(HELP_INTERACTIVE, file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, pending = list(system), []
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"error: no image file at {path!r}", file=sys.stderr)
+                continue
+            pending.append(path)
+            print(f"[attached {path}]", file=sys.stderr)
+            continue
+        message = _user_message(line, pending)
+        try:
+            reply = _answer(vlm, history + [message], args)
+        except LlavakitError as e:  # a bad image or prompt ends this turn, not the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history += [message, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        pending = []
+
+
+def cmd_info(args) -> int:
+    """Print what a checkpoint is: architecture, sizes, special tokens, chat template."""
+    info = _load(args).info()
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_make_random(args) -> int:
+    """Write a checkpoint with random weights (for demos, tests and benchmarks)."""
+    from .random_init import make_random_checkpoint
+
+    out = make_random_checkpoint(Path(args.out), preset=args.preset, layers=args.layers, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llavakit", description="Run LLaVA-family vision-language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", help="checkpoint folder or hub id (default: a tiny random demo model)")
+        sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+
+    chat = sub.add_parser("chat", help="chat about images")
+    model_args(chat)
+    chat.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat starts")
+    chat.add_argument("--image", action="append", default=[], help="image path, URL or data URL (repeatable)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    chat.set_defaults(func=cmd_chat)
+
+    info = sub.add_parser("info", help="describe a checkpoint")
+    model_args(info)
+    info.set_defaults(func=cmd_info)
+
+    rand = sub.add_parser("make-random", help="write a checkpoint with random weights")
+    rand.add_argument("--out", required=True)
+    rand.add_argument("--preset", default="tiny")
+    rand.add_argument("--layers", type=int, help="decoder depth (default: the preset's)")
+    rand.add_argument("--seed", type=int, default=0)
+    rand.set_defaults(func=cmd_make_random)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llavakit` command; errors print one line and exit with status 2."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LlavakitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
