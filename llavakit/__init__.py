@@ -1,6 +1,7 @@
 """llavakit: LLaVA, LLaVA-NeXT and LLaVA-OneVision from Hugging Face checkpoints, in plain PyTorch."""
 
 from .api import VLM, ChatOutput, load
+from .processing.processor import Batch
 from .engine.sampling import SamplingParams
 from .errors import (
     ConfigError,
@@ -15,6 +16,6 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "VLM", "ChatOutput", "SamplingParams", "LlavakitError", "ConfigError", "WeightsError",
+    "load", "VLM", "ChatOutput", "Batch", "SamplingParams", "LlavakitError", "ConfigError", "WeightsError",
     "ImageError", "PromptError", "TokenFeatureMismatch", "GenerationError", "__version__",
 ]

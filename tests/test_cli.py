@@ -1,0 +1,84 @@
+"""The command line, run as a user runs it: in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import llavakit
+
+
+def _run(args, stdin=None, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "llavakit", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "pic.png"
+    Image.fromarray((np.random.RandomState(3).rand(90, 140, 3) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_chat_answers_one_question_like_the_api(checkpoint, picture):
+    path = checkpoint("llama")
+    res = _run(["chat", "--model", str(path), "--dtype", "float32", "--image", str(picture),
+                "--max-new-tokens", "12", "What is in the picture?"])
+    assert res.returncode == 0, res.stderr
+    vlm = llavakit.load(path, dtype=torch.float32)
+    expected = vlm.chat([{"role": "user", "content": [{"type": "image", "image": str(picture)},
+                                                      {"type": "text", "text": "What is in the picture?"}]}],
+                        max_new_tokens=12)
+    assert res.stdout == expected.text + "\n"
+
+
+def test_interactive_chat_keeps_history_and_attaches_images(checkpoint, picture):
+    path = checkpoint("llama")
+    script = f"/image {picture}\nDescribe it.\n/image /no/such/file.png\nAnd now?\n/quit\n"
+    res = _run(["chat", "--model", str(path), "--dtype", "float32", "--max-new-tokens", "6"], stdin=script)
+    assert res.returncode == 0, res.stderr
+    assert f"[attached {picture}]" in res.stderr
+    assert "no image file at '/no/such/file.png'" in res.stderr
+    vlm = llavakit.load(path, dtype=torch.float32)
+    turn1 = [{"role": "user", "content": [{"type": "image", "image": str(picture)}, {"type": "text", "text": "Describe it."}]}]
+    a1 = vlm.chat(turn1, max_new_tokens=6).text
+    turn2 = turn1 + [{"role": "assistant", "content": [{"type": "text", "text": a1}]},
+                     {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]
+    a2 = vlm.chat(turn2, max_new_tokens=6).text
+    # one prompt per input line: /image, question, /image, question, /quit
+    assert res.stdout == f">>> >>> {a1}\n>>> >>> {a2}\n>>> "
+
+
+def test_info_describes_the_checkpoint(checkpoint):
+    res = _run(["info", "--model", str(checkpoint("qwen2"))])
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["text_model"] == "qwen2" and info["model_type"] == "llava"
+    assert info["image_tokens_per_image"] == 16 and info["text"]["layers"] == 2
+    assert info["tokens"]["image"][0] == "<image>"
+
+
+def test_errors_exit_2_with_one_line(checkpoint, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    res = _run(["chat", "--model", str(checkpoint("llama")), "--image", str(bad), "hi"])
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: ") and "bad.png" in res.stderr
+    res = _run(["info", "--model", str(tmp_path / "missing")])
+    assert res.returncode == 2 and "not a checkpoint folder" in res.stderr
+
+
+def test_default_model_and_make_random(tmp_path):
+    res = _run(["chat", "--max-new-tokens", "5", "hello"], env_extra={"LLAVAKIT_HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "random weights" in res.stderr and res.stdout.strip()
+    assert (tmp_path / "tiny-random" / "model.safetensors").is_file()
+    res = _run(["make-random", "--out", str(tmp_path / "r"), "--layers", "1"])
+    assert res.returncode == 0, res.stderr
+    assert llavakit.load(tmp_path / "r").config.text.num_layers == 1
