@@ -105,10 +105,7 @@ class VLM:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         valid = mask.bool() if bool((mask == 0).any()) else None
         with torch.inference_mode():
-            feats = None
-            if batch.pixel_values is not None:
-                feats = self.model.encode_images(batch.pixel_values.to(self.device)).flatten(0, 1)
-            embeds = self.model.embed(batch.input_ids.to(self.device), feats)
+            embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes)
             return self.model.decode(embeds, positions, valid, None, last_only=False).float()
 
     # -- generation ---------------------------------------------------------------------------
@@ -186,6 +183,24 @@ class VLM:
         save_weights(self.model, out, max_shard_bytes)
         return out
 
+    def image_layout(self, image: Any) -> dict:
+        """How one image (path, URL, bytes or PIL) is cut into tiles and how many tokens it costs."""
+        from . import anyres
+        from .processing.image import load_image
+
+        im = load_image(image)
+        cfg = self.config
+        size = (im.height, im.width)
+        _, tokens = self.processor.image_inputs(im)
+        layout = {"size": list(size), "tokens": tokens}
+        if cfg.image_grid_pinpoints:
+            layout["best_resolution"] = list(anyres.select_best_resolution(size, cfg.image_grid_pinpoints))
+            layout["grid"] = list(anyres.grid_shape(size, cfg.image_grid_pinpoints, cfg.vision.image_size))
+            layout["tiles"] = anyres.num_tiles(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+        else:
+            layout["tiles"] = 1
+        return layout
+
     def info(self) -> dict:
         """Architecture, sizes, special token ids and template of this checkpoint."""
         cfg, tok = self.config, self.processor.tokenizer
@@ -205,7 +220,8 @@ class VLM:
             "vision": {"layers": cfg.vision.num_layers, "hidden_size": cfg.vision.hidden_size,
                        "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size,
                        "feature_layers": list(cfg.vision_feature_layers), "select_strategy": cfg.select_strategy},
-            "image_tokens_per_image": self.processor.features_per_image,
+            "image_tokens_per_image": self.processor.features_per_image or "depends on the image size",
+            "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] or None,
             "tokens": {"image": [tok.image_token, cfg.image_token_id], "bos": [tok.bos_token, tok.token_id(tok.bos_token)],
                        "eos": sorted(self.eos_ids), "pad": self.processor.pad_token_id},
             "chat_template": self.processor.chat_template,

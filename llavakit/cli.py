@@ -1,7 +1,7 @@
 """Command line: one plain function per subcommand.
 
     llavakit chat [--model DIR] [--image PATH ...] ["question"]   one streamed answer, or an interactive chat
-    llavakit info [--model DIR]                                   architecture, sizes, token ids, template
+    llavakit info [--model DIR] [--image PATH]                    architecture, sizes, token ids, template
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
 """
 
@@ -100,7 +100,10 @@ def cmd_chat(args) -> int:
 
 def cmd_info(args) -> int:
     """Print what a checkpoint is: architecture, sizes, special tokens, chat template."""
-    info = _load(args).info()
+    vlm = _load(args)
+    info = vlm.info()
+    if args.image:
+        info["images"] = {path: vlm.image_layout(path) for path in args.image}
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 
@@ -138,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint")
     model_args(info)
+    info.add_argument("--image", action="append", default=[],
+                      help="also show this image's tile grid and token count (repeatable)")
     info.set_defaults(func=cmd_info)
 
     rand = sub.add_parser("make-random", help="write a checkpoint with random weights")

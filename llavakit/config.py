@@ -14,7 +14,7 @@ from typing import Any
 from .anyres import tile_feature_count
 from .errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION_TYPES = ("clip_vision_model",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -35,6 +35,8 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+# LlavaNextConfig's default pinpoints (h, w); every published NeXT checkpoint uses them.
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 # LlavaConfig's default tower when `vision_config` is absent: CLIP ViT-L/14-336.
 _LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
                              num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
@@ -235,8 +237,15 @@ class LlavaConfig:
     projector_act: str
     projector_bias: bool
     tie_word_embeddings: bool
+    # Any-resolution candidates (h, w) in pixels, in the checkpoint's order; empty for plain LLaVA.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # The dict this config came from, written back unchanged by save_pretrained.
     source: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_image_newline(self) -> bool:
+        """NeXT and OneVision learn a vector that ends every row of image features."""
+        return self.model_type != "llava"
 
     @property
     def image_features_per_tile(self) -> int:
@@ -273,8 +282,15 @@ class LlavaConfig:
                 f"{', '.join(SUPPORTED_STRATEGIES)}."
             )
         image_token = d.get("image_token_id", d.get("image_token_index", 32000))
-        # LlavaConfig forwards a tied text config to the top level (transformers' __post_init__).
-        tie = bool(d.get("tie_word_embeddings", False)) or text.tie_word_embeddings
+        tie = bool(d.get("tie_word_embeddings", False))
+        if model_type == "llava":  # LlavaConfig forwards a tied text config; LlavaNextConfig does not
+            tie = tie or text.tie_word_embeddings
+        pinpoints = _pinpoints(d, model_type, vision)
+        if model_type == "llava_next" and strategy == "full" and vision.has_class_token:
+            raise ConfigError(
+                "llava_next with a class-token tower (CLIP) needs vision_feature_select_strategy 'default': "
+                "with 'full' the tile features cannot be laid out on the patch grid."
+            )
         return cls(
             model_type=model_type,
             vision=vision,
@@ -285,5 +301,24 @@ class LlavaConfig:
             projector_act=_check_act(d.get("projector_hidden_act", "gelu"), "projector_hidden_act"),
             projector_bias=bool(d.get("multimodal_projector_bias", True)),
             tie_word_embeddings=tie,
+            image_grid_pinpoints=pinpoints,
             source=d,
         )
+
+
+def _pinpoints(d: dict, model_type: str, vision: VisionConfig) -> tuple[tuple[int, int], ...]:
+    """`image_grid_pinpoints` as (h, w) tuples, each a whole number of tower tiles."""
+    if model_type == "llava":
+        return ()
+    raw = d.get("image_grid_pinpoints") or NEXT_PINPOINTS
+    try:
+        pins = tuple((int(h), int(w)) for h, w in raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {raw!r}.") from e
+    tile = vision.image_size
+    bad = [p for p in pins if p[0] <= 0 or p[1] <= 0 or p[0] % tile or p[1] % tile]
+    if bad:
+        raise ConfigError(
+            f"image_grid_pinpoints {bad} are not positive multiples of the vision tower's {tile}-pixel tile."
+        )
+    return pins

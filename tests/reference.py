@@ -122,11 +122,85 @@ def make_llava(
     return out
 
 
-def load_reference(path: Path):
-    """Load (model, processor) with transformers, eager float32, for comparison."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+# Tiny NeXT pinpoints for 28-pixel tiles: grids 1x2, 2x1, 2x2, 1x3, 3x1, as the published five.
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ ' ' + content['text'] + '</s> '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+
+
+def make_llava_next(
+    out: Path,
+    family: str = "mistral",
+    vision_feature_layer=-2,
+    tile: int = 28,
+    patch_size: int = 7,
+    pinpoints=None,
+    tie: bool = False,
+    seed: int = 0,
+    template: str | None = MISTRAL_TEMPLATE,
+) -> Path:
+    """Write a tiny random `model_type: llava_next` checkpoint folder and return its path."""
+    from transformers import (
+        CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out)
+    pinpoints = pinpoints or NEXT_PINPOINTS
+    tokenizer = build_tokenizer(add_bos=family != "qwen2")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=tile, patch_size=patch_size, layer_norm_eps=1e-5,
+    )
+    tcfg = text_config(family, len(tokenizer) + 12, tie_word_embeddings=tie)
+    cfg = LlavaNextConfig(
+        vision_config=vision, text_config=tcfg, image_token_index=image_id, image_grid_pinpoints=pinpoints,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.model.image_newline.normal_()  # its init is random already; make it clearly non-zero
+    model.save_pretrained(out)
+    improc = LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
+        resample=3,
+    )
+    proc = LlavaNextProcessor(
+        image_processor=improc, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template,
+    )
+    proc.save_pretrained(out)
+    return out
+
+
+def load_reference(path: Path):
+    """Load (model, processor) with transformers, float32, for comparison; the class follows config.json."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}[model_type]
+    model = cls.from_pretrained(path, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(path)
     return model, proc
 

@@ -113,10 +113,7 @@ def generate(
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
     with torch.inference_mode():
-        feats = None
-        if batch.pixel_values is not None:
-            feats = model.encode_images(batch.pixel_values.to(device)).flatten(0, 1)  # (N*F, D)
-        embeds = model.embed(ids.to(device), feats)
+        embeds = model.embed_inputs(ids, batch.pixel_values, batch.image_sizes)
         logits = model.decode(embeds, positions.to(device), valid, cache, last_only=True)[:, -1]  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1)
         for _ in range(budget):

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .. import anyres
 from ..errors import ConfigError, ImageError
 
 URL_TIMEOUT_S = 30.0
@@ -441,7 +442,11 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
     on uint8 pixels with `PIL.Image.resize(..., reducing_gap=None)`, as transformers does.
     Raises ImageError if the image cannot be decoded.
     """
-    hwc = _rgb_array(image, cfg)  # (H, W, 3) uint8
+    return _pipeline(_rgb_array(image, cfg), cfg)
+
+
+def _pipeline(hwc: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → float32 (3, H', W'): pad, resize, crop, rescale, normalize as configured."""
     if cfg.do_pad:
         hwc = _pad_to_square(hwc, cfg.image_mean)
     if cfg.do_resize:
@@ -487,3 +492,30 @@ def preprocess_batch(images: Sequence[Image.Image], cfg: ImageProcessorConfig) -
             "height/width resize, or preprocess them one at a time."
         )
     return np.stack(arrays)  # (N, 3, H, W)
+
+
+def _resize_hwc(hwc: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Resize uint8 (H, W, 3) pixels to (h, w) with PIL, as transformers' PIL backend does."""
+    h, w = size
+    return np.asarray(Image.fromarray(hwc).resize((w, h), resample, reducing_gap=None))
+
+
+def anyres_tiles(image: Image.Image, cfg: ImageProcessorConfig, pinpoints: tuple[tuple[int, int], ...],
+                 tile: int) -> np.ndarray:
+    """LLaVA-NeXT tiles of one image: float32 (1 + rows*cols, 3, tile, tile), base view first.
+
+    Equal to transformers' LlavaNextImageProcessor (PIL backend): resize inside the best pinpoint
+    keeping the aspect ratio, pad centred with black, cut row-major tiles; the base view is the
+    whole image squashed to the processor's size. Every tile then runs the usual pipeline.
+    """
+    hwc = _rgb_array(image, cfg)  # (H, W, 3) uint8
+    size = hwc.shape[:2]
+    best = anyres.select_best_resolution(size, pinpoints)
+    inner = anyres.resize_within(size, best)
+    top, bottom, left, right = anyres.centre_padding(inner, best)
+    canvas = np.pad(_resize_hwc(hwc, inner, cfg.resample), ((top, bottom), (left, right), (0, 0)))  # (bh, bw, 3)
+    side = cfg.size_shortest_edge or cfg.size_height
+    base_size = (cfg.size_height, cfg.size_width) if cfg.size_shortest_edge is None else (side, side)
+    views = [_resize_hwc(hwc, base_size, cfg.resample)]
+    views += [canvas[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
+    return np.stack([_pipeline(np.ascontiguousarray(v), cfg) for v in views])
