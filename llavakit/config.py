@@ -8,15 +8,16 @@ llavakit does not support. Torch-free.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .anyres import tile_feature_count
 from .errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_VISION_TYPES = ("clip_vision_model",)
+SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_STRATEGIES = ("default", "full")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu")
@@ -35,6 +36,19 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
+                        hidden_act="gelu_pytorch_tanh")
+# LlavaOnevisionConfig's defaults: SigLIP-so400m without its last layer, Qwen2, 36 pinpoints up to 6x6 tiles.
+_ONEVISION_VISION_DEFAULT = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                 num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14)
+ONEVISION_PINPOINTS = tuple((h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
+# Per model type: (vision default, text default, feature layer, strategy, image token, video token)
+_FAMILY_DEFAULTS = {
+    "llava": (None, "llama", -2, "default", 32000, None),
+    "llava_next": (None, "llama", -2, "default", 32000, None),
+    "llava_onevision": (_ONEVISION_VISION_DEFAULT, "qwen2", -1, "full", 151646, 151647),
+}
 # LlavaNextConfig's default pinpoints (h, w); every published NeXT checkpoint uses them.
 NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 # LlavaConfig's default tower when `vision_config` is absent: CLIP ViT-L/14-336.
@@ -106,7 +120,7 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        """CLIP prepends a class token; SigLIP does not."""
+        """CLIP prepends a class token (and has a pre-layernorm); SigLIP has neither."""
         return self.model_type == "clip_vision_model"
 
     @property
@@ -122,7 +136,8 @@ class VisionConfig:
                 f"vision_config.model_type {model_type!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_VISION_TYPES)}."
             )
-        g = lambda k: _get(d, k, _CLIP_DEFAULTS)  # noqa: E731
+        defaults = _CLIP_DEFAULTS if model_type == "clip_vision_model" else _SIGLIP_DEFAULTS
+        g = lambda k: _get(d, k, defaults)  # noqa: E731
         cfg = cls(
             model_type=model_type,
             hidden_size=int(g("hidden_size")),
@@ -237,6 +252,10 @@ class LlavaConfig:
     projector_act: str
     projector_bias: bool
     tie_word_embeddings: bool
+    # OneVision: the token that stands for video features; None for models without video.
+    video_token_id: int | None = None
+    # OneVision's `anyres_max_N`: image features are scaled down past about N tiles' worth; None = no cap.
+    max_tiles: int | None = None
     # Any-resolution candidates (h, w) in pixels, in the checkpoint's order; empty for plain LLaVA.
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # The dict this config came from, written back unchanged by save_pretrained.
@@ -264,9 +283,11 @@ class LlavaConfig:
                 f"model_type {model_type!r} is not supported; supported model types: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}."
             )
-        vision = VisionConfig.from_hf(d.get("vision_config") or _LLAVA_VISION_DEFAULT)
-        text = TextConfig.from_hf(d.get("text_config") or {"model_type": "llama"})
-        layer = d.get("vision_feature_layer", -2)
+        vision_default, text_default, layer_default, strategy_default, image_default, video_default = (
+            _FAMILY_DEFAULTS[model_type])
+        vision = VisionConfig.from_hf(d.get("vision_config") or vision_default or _LLAVA_VISION_DEFAULT)
+        text = TextConfig.from_hf(d.get("text_config") or {"model_type": text_default})
+        layer = d.get("vision_feature_layer", layer_default)
         layers = tuple(int(x) for x in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
         n_states = vision.num_layers + 1
         for x in layers:
@@ -275,21 +296,23 @@ class LlavaConfig:
                     f"vision_feature_layer {x} is out of range for a tower with {vision.num_layers} layers "
                     f"(valid: {-n_states}..{n_states - 1})."
                 )
-        strategy = d.get("vision_feature_select_strategy", "default")
+        strategy = d.get("vision_feature_select_strategy", strategy_default)
         if strategy not in SUPPORTED_STRATEGIES:
             raise ConfigError(
                 f"vision_feature_select_strategy {strategy!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_STRATEGIES)}."
             )
-        image_token = d.get("image_token_id", d.get("image_token_index", 32000))
+        image_token = d.get("image_token_id", d.get("image_token_index", image_default))
+        video_token = d.get("video_token_id", d.get("video_token_index", video_default))
         tie = bool(d.get("tie_word_embeddings", False))
-        if model_type == "llava":  # LlavaConfig forwards a tied text config; LlavaNextConfig does not
+        if model_type != "llava_next":  # Llava and OneVision forward a tied text config; LlavaNextConfig does not
             tie = tie or text.tie_word_embeddings
         pinpoints = _pinpoints(d, model_type, vision)
-        if model_type == "llava_next" and strategy == "full" and vision.has_class_token:
+        if model_type != "llava" and (strategy == "full") == vision.has_class_token:
+            want = "default" if vision.has_class_token else "full"
             raise ConfigError(
-                "llava_next with a class-token tower (CLIP) needs vision_feature_select_strategy 'default': "
-                "with 'full' the tile features cannot be laid out on the patch grid."
+                f"{model_type} with a {vision.model_type} tower needs vision_feature_select_strategy {want!r}: "
+                f"with {strategy!r} the tile features cannot be laid out on the patch grid."
             )
         return cls(
             model_type=model_type,
@@ -301,6 +324,8 @@ class LlavaConfig:
             projector_act=_check_act(d.get("projector_hidden_act", "gelu"), "projector_hidden_act"),
             projector_bias=bool(d.get("multimodal_projector_bias", True)),
             tie_word_embeddings=tie,
+            video_token_id=None if video_token is None else int(video_token),
+            max_tiles=_max_tiles(d, model_type),
             image_grid_pinpoints=pinpoints,
             source=d,
         )
@@ -310,7 +335,7 @@ def _pinpoints(d: dict, model_type: str, vision: VisionConfig) -> tuple[tuple[in
     """`image_grid_pinpoints` as (h, w) tuples, each a whole number of tower tiles."""
     if model_type == "llava":
         return ()
-    raw = d.get("image_grid_pinpoints") or NEXT_PINPOINTS
+    raw = d.get("image_grid_pinpoints") or (ONEVISION_PINPOINTS if model_type == "llava_onevision" else NEXT_PINPOINTS)
     try:
         pins = tuple((int(h), int(w)) for h, w in raw)
     except (TypeError, ValueError) as e:
@@ -322,3 +347,14 @@ def _pinpoints(d: dict, model_type: str, vision: VisionConfig) -> tuple[tuple[in
             f"image_grid_pinpoints {bad} are not positive multiples of the vision tower's {tile}-pixel tile."
         )
     return pins
+
+
+def _max_tiles(d: dict, model_type: str) -> int | None:
+    """Parse OneVision's `vision_aspect_ratio: "anyres_max_N"` once, into N."""
+    if model_type != "llava_onevision":
+        return None
+    value = d.get("vision_aspect_ratio", "anyres_max_9")
+    match = re.fullmatch(r"anyres_max_(\d+)", str(value))
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(f"vision_aspect_ratio {value!r} is not supported; expected 'anyres_max_N' with N >= 1.")
+    return int(match.group(1))

@@ -37,6 +37,11 @@ CASES = {
     "one_image": _conv("What is in the picture?", [IMG_A]),
     "two_images": _conv("Describe the image in detail. How many people are there?", [IMG_B, IMG_C]),
     "no_image": _conv("The quick brown fox jumps over the lazy dog 0123456789."),
+    "system": [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Describe the image in detail."},
+                                     {"type": "image", "image": IMG_A}]},
+    ],
     "multi_turn": [
         {"role": "user", "content": [{"type": "image", "image": IMG_C}, {"type": "text", "text": "What is in the picture?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A cat sits on a red mat."}]},
@@ -66,8 +71,10 @@ def _ref_inputs(proc, conv):
 
 
 def _ref_logits(ref, inputs) -> torch.Tensor:
+    # transformers 5.24 drops the vision hidden states when vision_feature_layer == 0 (the layer index is
+    # passed on as a falsy `output_hidden_states`); asking for all hidden states sidesteps that bug.
     with torch.no_grad():
-        return ref(**inputs).logits.float()
+        return ref(**inputs, output_hidden_states=True).logits.float()
 
 
 def _assert_close(ours: torch.Tensor, theirs: torch.Tensor, atol: float, what: str):
