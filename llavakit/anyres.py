@@ -11,6 +11,11 @@ LLaVA-NeXT any-resolution, for an H×W image and tiles of side P:
     ─► rows×cols tiles of P×P (row-major), plus the whole image squashed to P×P first
     features: base tile, then the tile grid stitched to (rows·p)×(cols·p), padding cut away
     ("unpad"), one newline feature after every row
+
+LLaVA-OneVision adds a cap (`anyres_max_N`): when the unpadded grid holds clearly more than N
+tiles' worth of features it is scaled down (bilinear) to about N tiles; a conversation with
+several images encodes each as one padded square tile (base + one newline); a video's frames
+are pooled to ceil(p/2) x ceil(p/2) and the video ends with one newline.
 """
 
 from __future__ import annotations
@@ -98,9 +103,54 @@ def next_layout(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_
     return grid, unpad_bounds(size, grid)
 
 
+def capped_shape(rows: int, cols: int, max_tiles: int | None, patches_per_side: int) -> Size:
+    """OneVision's anyres_max rule: the (rows, cols) a feature grid is interpolated to, or unchanged.
+
+    ratio = sqrt(rows*cols / (max_tiles * p^2)); only above 1.1 is the grid scaled, to
+    int(rows // ratio) x int(cols // ratio) (float floor division, as the reference).
+    """
+    if max_tiles is None:
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (max_tiles * patches_per_side**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def image_feature_shape(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_side: int,
+                        max_tiles: int | None) -> tuple[tuple[int, int, int, int], Size]:
+    """For a tiled image: the unpadded bounds on the stitched grid and the final (rows, cols) of features."""
+    _, bounds = next_layout(size, pinpoints, tile, patches_per_side)
+    top, bottom, left, right = bounds
+    return bounds, capped_shape(bottom - top, right - left, max_tiles, patches_per_side)
+
+
+def image_token_count(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_side: int,
+                      base_features: int, max_tiles: int | None, tiled: bool) -> int:
+    """`<image>` tokens of one image.
+
+    No pinpoints (LLaVA-1.5): the base tile only. Untiled (a OneVision image among several):
+    base + one newline. Tiled: base + final feature grid + one newline per row.
+    """
+    if not pinpoints:
+        return base_features
+    if not tiled:
+        return base_features + 1
+    _, (rows, cols) = image_feature_shape(size, pinpoints, tile, patches_per_side, max_tiles)
+    return base_features + rows * (cols + 1)
+
+
 def next_feature_count(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_side: int,
                        base_features: int) -> int:
     """`<image>` tokens of one LLaVA-NeXT image: base tile + unpadded grid + one newline per row."""
-    _, (top, bottom, left, right) = next_layout(size, pinpoints, tile, patches_per_side)
-    rows, cols = bottom - top, right - left
-    return base_features + rows * (cols + 1)
+    return image_token_count(size, pinpoints, tile, patches_per_side, base_features, None, True)
+
+
+def pooled_side(patches_per_side: int) -> int:
+    """Side of a video frame's feature grid after OneVision's 2x bilinear pooling (27 -> 14)."""
+    return math.ceil(patches_per_side / 2)
+
+
+def video_token_count(frames: int, patches_per_side: int) -> int:
+    """`<video>` tokens of one video: every frame's pooled grid, then one newline."""
+    return frames * pooled_side(patches_per_side) ** 2 + 1

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import LlavaConfig
+from .engine.generate import embed_batch
 from .engine.generate import generate as _generate
 from .engine.sampling import SamplingParams
 from .errors import ConfigError, GenerationError
@@ -105,7 +106,7 @@ class VLM:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         valid = mask.bool() if bool((mask == 0).any()) else None
         with torch.inference_mode():
-            embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes)
+            embeds = embed_batch(self.model, batch)
             return self.model.decode(embeds, positions, valid, None, last_only=False).float()
 
     # -- generation ---------------------------------------------------------------------------

@@ -21,6 +21,10 @@ class ImageError(LlavakitError):
     """An image could not be read or decoded."""
 
 
+class VideoError(LlavakitError):
+    """A video could not be read or decoded, or its sampling parameters are invalid."""
+
+
 class PromptError(LlavakitError):
     """A conversation is malformed, or its tokens do not match the images given."""
 

@@ -32,6 +32,8 @@ _KEY_PREFIXES = (
 )
 # Buffers that older checkpoints saved and that llavakit recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+# SigLIP's pooling head: saved when `vision_use_head` is on, never used by LLaVA.
+_IGNORED_PREFIXES = ("vision_tower.head.",)
 # Files a hub download fetches: everything but weights in other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -145,7 +147,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype) -> dict
     for path in weight_files(folder):
         for key, tensor in _read_tensors(path):
             name = canonical_key(key)
-            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            if name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
+                tied and name == "lm_head.weight"
+            ):
                 continue
             if name not in expected:
                 unexpected.append(key)

@@ -84,6 +84,12 @@ def _advance(row: _Row, token: int, eos_ids: set[int]) -> Delta:
     return Delta(row=-1, token_id=token, text=piece, finish_reason=reason)
 
 
+def embed_batch(model: LlavaModel, batch: Batch) -> torch.Tensor:
+    """Input embeddings (B, T, D) of a prepared batch, image and video features in place."""
+    return model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes, batch.image_tiled,
+                              batch.video_pixels, batch.video_frames)
+
+
 def generate(
     model: LlavaModel,
     tokenizer: TextTokenizer,
@@ -113,7 +119,7 @@ def generate(
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
     with torch.inference_mode():
-        embeds = model.embed_inputs(ids, batch.pixel_values, batch.image_sizes)
+        embeds = embed_batch(model, batch)
         logits = model.decode(embeds, positions.to(device), valid, cache, last_only=True)[:, -1]  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1)
         for _ in range(budget):

@@ -1,17 +1,21 @@
-"""LLaVA and LLaVA-NeXT: vision tower -> projector -> image features at the `<image>` token positions.
+"""LLaVA, LLaVA-NeXT and LLaVA-OneVision: tower -> projector -> features at the placeholder tokens.
 
-Dimension letters: N tower inputs (tiles), F features per tile, p patches per side, B batch,
-T tokens, D decoder width, V vocab, R image-token rows of a whole batch.
+Dimension letters: N tower inputs (tiles or frames), F features per tile, p patches per side,
+q pooled side, B batch, T tokens, D decoder width, V vocab, R placeholder rows of a whole batch.
 
     pixels (N,3,S,S) ─► tower (selected layers) ─► drop CLS ("default") ─► projector ─► (N, F, D)
-    LLaVA-1.5: each image is one tile, its F features in order.
-    NeXT: base tile, then the tile grid stitched, unpadded, a newline after each row (anyres.py).
-    input_ids (B,T) ─► embed ─► rows where id == image_token_id := features, in order ─► decoder
+    LLaVA-1.5 image: one tile, its F features.
+    Tiled image (NeXT, OneVision alone in its prompt): base tile, then the tile grid stitched,
+      unpadded, capped (OneVision), a newline after each row.            (geometry: anyres.py)
+    Untiled image (OneVision, several in one prompt): one square tile + one newline.
+    Video (OneVision): every frame pooled to q×q, frames in order, one newline at the end.
+    input_ids (B,T) ─► embed ─► image rows := image features, video rows := video features ─► decoder
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import anyres
@@ -40,33 +44,46 @@ class LlavaModel(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # -- vision ---------------------------------------------------------------------------------
     def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """Projected features (N, F, D) of tower inputs (N, 3, S, S), `chunk` tiles per tower call.
 
         Chunking bounds the attention activations of the tower when a batch has many tiles.
         """
         outs = []
-        for part in pixels.split(chunk):
+        for part in pixels.to(self.device).split(chunk):
             feats = self.vision_tower(part, self.cfg.vision_feature_layers)  # (n, L, Dv*k)
             if self.cfg.select_strategy == "default":
                 feats = feats[:, 1:]  # the class token carries no spatial information
             outs.append(self.multi_modal_projector(feats))  # (n, F, D)
         return torch.cat(outs)
 
-    def image_features(self, pixels: torch.Tensor, image_sizes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    def _newline(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.image_newline.to(dtype)
+
+    def image_features(self, pixels: torch.Tensor, image_sizes: tuple[tuple[int, int], ...],
+                       image_tiled: tuple[bool, ...]) -> torch.Tensor:
         """Features (R, D) of every image in order, ready to replace the image-token rows.
 
-        pixels: the tower inputs of all images, as the processor lays them out (one tile per
-        LLaVA-1.5 image; base + grid tiles per NeXT image). image_sizes: (h, w) per image.
+        pixels: tower inputs of all images as the processor lays them out. image_sizes: (h, w)
+        per image. image_tiled: per image, whether it was cut into any-resolution tiles.
         """
         tiles = self.encode_tiles(pixels)  # (N, F, D)
         cfg = self.cfg
         if not cfg.image_grid_pinpoints:
             return tiles.flatten(0, 1)
         out, start = [], 0
-        for size in image_sizes:
-            n = anyres.num_tiles(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
-            out.append(self._pack_next(tiles[start : start + n], size))
+        for size, tiled in zip(image_sizes, image_tiled):
+            if tiled:
+                n = anyres.num_tiles(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+                out.append(self._pack_tiled(tiles[start : start + n], size))
+            else:
+                n = 1
+                out.append(torch.cat([tiles[start], self._newline(tiles.dtype)[None]]))  # (F + 1, D)
             start += n
         if start != tiles.shape[0]:
             raise TokenFeatureMismatch(
@@ -74,50 +91,80 @@ class LlavaModel(nn.Module):
             )
         return torch.cat(out)
 
-    def _pack_next(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """One NeXT image: (1 + rows*cols, F, D) tile features → (base F + h'*(w'+1), D)."""
+    def _pack_tiled(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """One tiled image: (1 + rows*cols, F, D) tile features → (F + h*(w+1), D)."""
         cfg = self.cfg
         p = cfg.vision.patches_per_side
         rows, cols = anyres.grid_shape(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
-        (gh, gw), (top, bottom, left, right) = anyres.next_layout(
-            size, cfg.image_grid_pinpoints, cfg.vision.image_size, p)
+        (top, bottom, left, right), final = anyres.image_feature_shape(
+            size, cfg.image_grid_pinpoints, cfg.vision.image_size, p, cfg.max_tiles)
         d = tiles.shape[-1]
         grid = tiles[1:].view(rows, cols, p, p, d)  # (rows, cols, p, p, D)
-        grid = grid.permute(4, 0, 2, 1, 3).reshape(d, gh, gw)  # (D, rows*p, cols*p), row-major over the image
-        grid = grid[:, top:bottom, left:right]  # (D, h', w'): padding cut away
-        newline = self.image_newline.to(grid.dtype)[:, None, None].expand(d, grid.shape[1], 1)  # (D, h', 1)
-        grid = torch.cat([grid, newline], dim=-1)  # (D, h', w'+1)
-        return torch.cat([tiles[0], grid.flatten(1, 2).T])  # (F + h'*(w'+1), D)
+        grid = grid.permute(4, 0, 2, 1, 3).reshape(d, rows * p, cols * p)  # (D, rows*p, cols*p), image order
+        grid = grid[:, top:bottom, left:right]  # (D, h, w): padding cut away
+        if final != tuple(grid.shape[1:]):
+            grid = F.interpolate(grid[None], size=list(final), mode="bilinear")[0]  # anyres_max cap
+        newline = self._newline(grid.dtype)[:, None, None].expand(d, grid.shape[1], 1)  # (D, h, 1)
+        grid = torch.cat([grid, newline], dim=-1)  # (D, h, w+1)
+        return torch.cat([tiles[0], grid.flatten(1, 2).T])  # (F + h*(w+1), D)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
-                     image_sizes: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        """Embeddings (B, T, D) of a prepared batch: tokens, with image features where the image tokens are."""
-        feats = None
-        if pixels is not None:
-            feats = self.image_features(pixels.to(self.lm_head.weight.device), image_sizes)
-        return self.embed(input_ids.to(self.lm_head.weight.device), feats)
+    def video_features(self, pixels: torch.Tensor, video_frames: tuple[int, ...]) -> torch.Tensor:
+        """Features (R, D) of every video in order: pooled frames, then one newline per video.
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with image features written over the image-token rows.
+        pixels: (sum of frames, 3, S, S). video_frames: frames per video.
+        """
+        if sum(video_frames) != pixels.shape[0]:
+            raise TokenFeatureMismatch(
+                f"{pixels.shape[0]} frames were given for videos of {sum(video_frames)}; prepare inputs with vlm.prepare."
+            )
+        p = self.cfg.vision.patches_per_side
+        q = anyres.pooled_side(p)
+        feats = self.encode_tiles(pixels)  # (ΣF, p*p, D)
+        n, _, d = feats.shape
+        grid = feats.view(n, p, p, d).permute(0, 3, 1, 2)  # (ΣF, D, p, p)
+        pooled = F.interpolate(grid, size=[q, q], mode="bilinear")  # (ΣF, D, q, q)
+        pooled = pooled.permute(0, 2, 3, 1).reshape(n, q * q, d)  # (ΣF, q*q, D)
+        newline = self._newline(pooled.dtype)[None]  # (1, D)
+        out = [torch.cat([v.flatten(0, 1), newline]) for v in pooled.split(list(video_frames))]
+        return torch.cat(out)
 
-        image_features: (R, D), rows in prompt order (batch row, then position). R must equal
-        the number of image tokens in `input_ids`, else TokenFeatureMismatch gives both counts.
+    # -- merging ----------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
+              video_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with features written over the placeholder rows.
+
+        image_features / video_features: (R, D), rows in prompt order (batch row, then position).
+        R must equal the number of placeholder tokens, else TokenFeatureMismatch gives both counts.
         """
         embeds = self.language_model.embed_tokens(input_ids)  # (B, T, D)
-        is_image = input_ids == self.cfg.image_token_id  # (B, T)
-        n_tokens = int(is_image.sum())
-        n_feats = 0 if image_features is None else image_features.shape[0]
-        if n_tokens != n_feats:
-            raise TokenFeatureMismatch(
-                f"Image features and image tokens do not match: tokens: {n_tokens}, features: {n_feats}. "
-                "Each image needs exactly as many image tokens as it has features; build prompts with "
-                "the processor (vlm.prepare) rather than by hand."
-            )
-        if n_tokens == 0:
-            return embeds
-        feats = image_features.to(embeds.dtype)
-        return embeds.masked_scatter(is_image[..., None].expand_as(embeds), feats)
+        placeholders = [("Image", self.cfg.image_token_id, image_features)]
+        if self.cfg.video_token_id is not None:
+            placeholders.append(("Video", self.cfg.video_token_id, video_features))
+        elif video_features is not None:
+            raise TokenFeatureMismatch(f"{self.cfg.model_type} checkpoints take no video; send images instead.")
+        for kind, token_id, feats in placeholders:
+            mask = input_ids == token_id  # (B, T)
+            n_tokens = int(mask.sum())
+            n_feats = 0 if feats is None else feats.shape[0]
+            if n_tokens != n_feats:
+                raise TokenFeatureMismatch(
+                    f"{kind} features and {kind.lower()} tokens do not match: tokens: {n_tokens}, features: "
+                    f"{n_feats}. Each {kind.lower()} needs exactly as many placeholder tokens as it has features; "
+                    "build prompts with the processor (vlm.prepare) rather than by hand."
+                )
+            if n_tokens:
+                embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), feats.to(embeds.dtype))
+        return embeds
 
+    def embed_inputs(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
+                     image_sizes: tuple[tuple[int, int], ...], image_tiled: tuple[bool, ...],
+                     video_pixels: torch.Tensor | None = None, video_frames: tuple[int, ...] = ()) -> torch.Tensor:
+        """Embeddings (B, T, D) of a prepared batch: tokens, with image and video features in place."""
+        images = None if pixels is None else self.image_features(pixels, image_sizes, image_tiled)
+        videos = None if video_pixels is None else self.video_features(video_pixels, video_frames)
+        return self.embed(input_ids.to(self.device), images, videos)
+
+    # -- language ---------------------------------------------------------------------------------
     def decode(
         self,
         embeds: torch.Tensor,

@@ -1,4 +1,7 @@
-"""The ViT vision tower (CLIP), returning the hidden states LLaVA selects.
+"""The ViT vision tower (CLIP or SigLIP), returning the hidden states LLaVA selects.
+
+CLIP: bias-free patch conv, a class token, a pre-layernorm, quick_gelu. SigLIP: patch conv with
+bias, no class token, no pre-layernorm, tanh-approximated gelu. Everything else is shared.
 
 Dimension letters: N images (tiles), P patches per side, L tokens per image (P*P, +1 with a
 class token), Dv tower width, Hv heads, hd head dim.
@@ -20,17 +23,20 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=not cfg.has_class_token)
         n_pos = cfg.patches_per_side**2 + (1 if cfg.has_class_token else 0)
-        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        if cfg.has_class_token:
+            self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.position_embedding = nn.Embedding(n_pos, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (N, Dv, P, P)
         x = x.flatten(2).transpose(1, 2)  # (N, P*P, Dv)
-        cls = self.class_embedding.to(x.dtype).expand(n, 1, -1)  # (N, 1, Dv)
-        x = torch.cat([cls, x], dim=1)  # (N, L, Dv)
+        if self.cfg.has_class_token:
+            cls = self.class_embedding.to(x.dtype).expand(n, 1, -1)  # (N, 1, Dv)
+            x = torch.cat([cls, x], dim=1)  # (N, L, Dv)
         return x + self.position_embedding.weight.to(x.dtype)
 
 
@@ -85,13 +91,15 @@ class VisionEncoder(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """CLIP vision transformer. `post_layernorm` is loaded (it is in every checkpoint) but LLaVA never uses it."""
+    """CLIP or SigLIP vision transformer. `post_layernorm` is loaded (it is in every checkpoint) but
+    LLaVA never uses it: the selected hidden states come before it."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's name
+        if cfg.has_class_token:
+            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's name
         self.encoder = VisionEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -109,7 +117,9 @@ class VisionTower(nn.Module):
             )
         n_states = self.cfg.num_layers + 1
         wanted = [i % n_states for i in layers]
-        x = self.pre_layrnorm(self.embeddings(pixels))  # hidden state 0
+        x = self.embeddings(pixels)
+        if self.cfg.has_class_token:
+            x = self.pre_layrnorm(x)  # hidden state 0 is taken after it
         states = {0: x}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x)

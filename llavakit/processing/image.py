@@ -519,3 +519,9 @@ def anyres_tiles(image: Image.Image, cfg: ImageProcessorConfig, pinpoints: tuple
     views = [_resize_hwc(hwc, base_size, cfg.resample)]
     views += [canvas[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
     return np.stack([_pipeline(np.ascontiguousarray(v), cfg) for v in views])
+
+
+def square_tile(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One image as a single tile (OneVision's multi-image mode): padded to a square with the mean
+    colour, then the usual pipeline (resize to the tower's size). float32 (3, S, S)."""
+    return _pipeline(_pad_to_square(_rgb_array(image, cfg), cfg.image_mean), cfg)

@@ -1,11 +1,14 @@
-"""Conversations → a model-ready batch: rendered prompt, expanded `<image>` runs, token ids, pixels.
+"""Conversations → a model-ready batch: rendered prompt, expanded placeholders, token ids, pixels.
 
-    messages ─► template ─► text with one <image> per image ─► <image> × features_per_image ─► ids
-    image parts ─► load (RGB as transformers) ─► preprocess ─► pixel_values (N, 3, S, S)
+    messages ─► template ─► one <image>/<video> per medium ─► each repeated by its token count ─► ids
+    image parts ─► load (RGB as transformers) ─► preprocess or tile ─► pixel_values (N, 3, S, S)
+    video parts ─► decode, sample frames ─► resize to the tower's size ─► video_pixels (F, 3, S, S)
+Token counts come from anyres.py, the same functions the model uses to lay out features.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,27 +20,40 @@ from PIL import Image
 from .. import anyres
 from ..config import LlavaConfig
 from ..errors import ConfigError, PromptError
-from .image import ImageProcessorConfig, anyres_tiles, load_image, preprocess, read_image_processor_dict
+from .image import (
+    ImageProcessorConfig,
+    anyres_tiles,
+    load_image,
+    preprocess,
+    read_image_processor_dict,
+    square_tile,
+)
 from .prompt import (
     DEFAULT_TEMPLATES,
+    Conversation,
     TextTokenizer,
+    VideoPart,
     expand_image_tokens,
     load_chat_template,
     load_tokenizer,
     render_template,
     split_conversation,
 )
+from .video import DEFAULT_NUM_FRAMES, FrameSampling, load_video
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A left-padded batch of prompts with their images.
+    """A left-padded batch of prompts with their images and videos.
 
     input_ids, attention_mask: (B, T) long; mask 0 marks left padding.
     pixel_values: (N, 3, S, S) float32 tower inputs of all images, row by row in prompt order
-        (one per LLaVA image; base view + tiles per NeXT image); None without images.
+        (one tile per LLaVA-1.5 or untiled image; base view + grid tiles per tiled image); None without images.
     image_counts: images per row.
-    image_sizes: (height, width) of every image after RGB conversion, in the same order.
+    image_sizes: (height, width) of every image after RGB conversion, in order.
+    image_tiled: per image, whether it was cut into any-resolution tiles.
+    video_pixels: (total frames, 3, S, S) float32 of all videos in order; None without videos.
+    video_frames: frames per video.
     """
 
     input_ids: torch.Tensor
@@ -45,6 +61,9 @@ class Batch:
     pixel_values: torch.Tensor | None
     image_counts: tuple[int, ...]
     image_sizes: tuple[tuple[int, int], ...] = ()
+    image_tiled: tuple[bool, ...] = ()
+    video_pixels: torch.Tensor | None = None
+    video_frames: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -54,89 +73,123 @@ class Batch:
 class Encoded:
     """One conversation, ready to batch."""
 
-    prompt: str  # the rendered template, one placeholder per image
+    prompt: str  # the rendered template, one placeholder per image and video
     input_ids: list[int]
     pixel_values: np.ndarray | None  # (tiles of all images, 3, S, S)
     image_sizes: tuple[tuple[int, int], ...]
+    image_tiled: tuple[bool, ...]
+    video_pixels: np.ndarray | None  # (frames of all videos, 3, S, S)
+    video_frames: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Processor:
-    """Tokenizer, chat template and image preprocessing of one checkpoint."""
+    """Tokenizer, chat template, image and video preprocessing of one checkpoint."""
 
     tokenizer: TextTokenizer
     image_cfg: ImageProcessorConfig
+    video_cfg: ImageProcessorConfig  # frames: resized straight to the tower's size
     chat_template: str
     model: LlavaConfig
     pad_token_id: int
+    num_frames: int = DEFAULT_NUM_FRAMES
 
     @classmethod
     def load(cls, folder: Path, cfg: LlavaConfig) -> "Processor":
         """Read the processor files of a checkpoint folder (both the published and the transformers-5 layout)."""
         tokenizer = load_tokenizer(folder)
-        image_id = tokenizer.image_token_id
-        if image_id != cfg.image_token_id:
-            raise ConfigError(
-                f"the tokenizer maps {tokenizer.image_token!r} to id {image_id}, but config.json says the image "
-                f"token id is {cfg.image_token_id}; the tokenizer does not belong to this model."
-            )
+        _check_token(tokenizer, tokenizer.image_token, cfg.image_token_id, "image")
+        if cfg.video_token_id is not None:
+            _check_token(tokenizer, tokenizer.video_token, cfg.video_token_id, "video")
         image_dict = read_image_processor_dict(folder)
         image_cfg = ImageProcessorConfig.from_hf(image_dict)
         _check_agrees(image_dict, image_cfg, cfg)
+        side = cfg.vision.image_size
+        video_cfg = dataclasses.replace(image_cfg, do_resize=True, size_shortest_edge=None, size_height=side,
+                                        size_width=side, do_center_crop=False, do_pad=False)
         template = load_chat_template(folder) or DEFAULT_TEMPLATES[cfg.text.model_type]
         pad = tokenizer.token_id(tokenizer.pad_token)
         for candidate in (pad, cfg.text.pad_token_id, tokenizer.token_id(tokenizer.eos_token), 0):
             if candidate is not None:
                 pad = candidate
                 break
-        return cls(tokenizer, image_cfg, template, cfg, int(pad))
+        return cls(tokenizer, image_cfg, video_cfg, template, cfg, int(pad))
 
     @property
     def features_per_image(self) -> int | None:
         """`<image>` tokens per image when it does not depend on the image's size (LLaVA-1.5), else None."""
         return self.model.image_features_per_tile if not self.model.image_grid_pinpoints else None
 
-    def image_inputs(self, image: Image.Image) -> tuple[np.ndarray, int]:
-        """Tower inputs (n, 3, S, S) of one RGB-convertible image and its number of `<image>` tokens."""
+    def image_inputs(self, image: Image.Image, tiled: bool = True) -> tuple[np.ndarray, int]:
+        """Tower inputs (n, 3, S, S) of one image and its number of `<image>` tokens.
+
+        tiled: any-resolution tiling (NeXT; OneVision when the image is alone in its conversation);
+        otherwise OneVision encodes the image as one padded square tile.
+        """
         m = self.model
         if not m.image_grid_pinpoints:
-            return preprocess(image, self.image_cfg)[None], m.image_features_per_tile
-        size = (image.height, image.width)
-        tiles = anyres_tiles(image, self.image_cfg, m.image_grid_pinpoints, m.vision.image_size)
-        count = anyres.next_feature_count(size, m.image_grid_pinpoints, m.vision.image_size,
-                                          m.vision.patches_per_side, m.image_features_per_tile)
+            tiles = preprocess(image, self.image_cfg)[None]
+        elif tiled:
+            tiles = anyres_tiles(image, self.image_cfg, m.image_grid_pinpoints, m.vision.image_size)
+        else:
+            tiles = square_tile(image, self.image_cfg)[None]
+        count = anyres.image_token_count((image.height, image.width), m.image_grid_pinpoints, m.vision.image_size,
+                                         m.vision.patches_per_side, m.image_features_per_tile, m.max_tiles, tiled)
         return tiles, count
 
-    def render(self, messages: Any, add_generation_prompt: bool = True) -> tuple[str, list[Any]]:
-        """The chat template applied to a conversation, and the conversation's image sources in order."""
-        template_messages, images = split_conversation(messages)
-        text = render_template(self.chat_template, template_messages, add_generation_prompt,
+    def video_inputs(self, video: VideoPart) -> tuple[np.ndarray, int]:
+        """Frames (F, 3, S, S) of one video and its number of `<video>` tokens."""
+        if self.model.video_token_id is None:
+            raise PromptError(f"{self.model.model_type} checkpoints take images only, not video.")
+        num_frames = video.num_frames if video.num_frames is not None or video.fps is not None else self.num_frames
+        sampling = FrameSampling(num_frames=num_frames, fps=video.fps, max_frames=video.max_frames or 64)
+        frames = load_video(video.source, sampling)
+        pixels = np.stack([preprocess(f, self.video_cfg) for f in frames])
+        return pixels, anyres.video_token_count(len(frames), self.model.vision.patches_per_side)
+
+    def render(self, messages: Any, add_generation_prompt: bool = True) -> tuple[str, Conversation]:
+        """The chat template applied to a conversation, and the validated conversation with its media."""
+        conv = split_conversation(messages)
+        text = render_template(self.chat_template, conv.messages, add_generation_prompt,
                                self.tokenizer.special_tokens())
-        return text, images
+        return text, conv
 
     def encode(self, messages: Any, add_generation_prompt: bool = True) -> Encoded:
-        """Render, load and preprocess the images, expand placeholders and tokenize one conversation."""
-        prompt, sources = self.render(messages, add_generation_prompt)
-        return self.encode_prompt(prompt, sources)
+        """Render, load and preprocess the media, expand placeholders and tokenize one conversation."""
+        prompt, conv = self.render(messages, add_generation_prompt)
+        return self.encode_prompt(prompt, conv.images, conv.videos)
 
-    def encode_prompt(self, prompt: str, sources: list[Any]) -> Encoded:
-        """Tokenize an already rendered prompt holding one image placeholder per image in `sources`."""
-        token = self.tokenizer.image_token
-        images = [load_image(src) for src in sources]
-        inputs = [self.image_inputs(im) for im in images]
-        counts = [n for _, n in inputs]
-        expanded = expand_image_tokens(prompt, token, counts)
-        ids = self.tokenizer.encode(expanded)
-        image_id = self.tokenizer.image_token_id
-        n_tokens = sum(1 for i in ids if i == image_id)
-        if n_tokens != sum(counts):
-            raise PromptError(
-                f"after tokenization the prompt holds {n_tokens} image tokens, expected {sum(counts)} for "
-                f"{len(sources)} image(s); the text itself must not contain {token!r}."
-            )
-        pixels = np.concatenate([t for t, _ in inputs]) if inputs else None
-        sizes = tuple((im.height, im.width) for im in images)
-        return Encoded(prompt=prompt, input_ids=ids, pixel_values=pixels, image_sizes=sizes)
+    def encode_prompt(self, prompt: str, image_sources: list[Any], videos: list[VideoPart] = ()) -> Encoded:
+        """Tokenize a rendered prompt holding one placeholder per image in `image_sources` and per video."""
+        tok = self.tokenizer
+        images = [load_image(src) for src in image_sources]
+        # OneVision (as the reference): a conversation with several images encodes each as one square tile.
+        tiled = not (self.model.max_tiles is not None and len(images) > 1)
+        image_in = [self.image_inputs(im, tiled) for im in images]
+        video_in = [self.video_inputs(v) for v in videos]
+        text = expand_image_tokens(prompt, tok.image_token, [n for _, n in image_in])
+        if self.model.video_token_id is not None:
+            text = expand_image_tokens(text, tok.video_token, [n for _, n in video_in], kind="video")
+        ids = tok.encode(text)
+        checks = [(tok.image_token, tok.image_token_id, image_in)]
+        if self.model.video_token_id is not None:
+            checks.append((tok.video_token, tok.token_id(tok.video_token), video_in))
+        for token, token_id, inputs in checks:
+            want, found = sum(n for _, n in inputs), sum(1 for i in ids if i == token_id)
+            if found != want:
+                raise PromptError(
+                    f"after tokenization the prompt holds {found} {token} tokens, expected {want} for "
+                    f"{len(inputs)} input(s); the text itself must not contain {token!r}."
+                )
+        return Encoded(
+            prompt=prompt,
+            input_ids=ids,
+            pixel_values=np.concatenate([t for t, _ in image_in]) if image_in else None,
+            image_sizes=tuple((im.height, im.width) for im in images),
+            image_tiled=(tiled,) * len(images),
+            video_pixels=np.concatenate([f for f, _ in video_in]) if video_in else None,
+            video_frames=tuple(len(f) for f, _ in video_in),
+        )
 
     def collate(self, items: list[Encoded]) -> Batch:
         """Left-pad encoded conversations into one batch."""
@@ -149,15 +202,34 @@ class Processor:
             n = len(e.input_ids)
             ids[i, t - n :] = torch.tensor(e.input_ids, dtype=torch.long)
             mask[i, t - n :] = 1
-        arrays = [e.pixel_values for e in items if e.pixel_values is not None]
-        pixels = torch.from_numpy(np.concatenate(arrays)) if arrays else None
-        counts = tuple(len(e.image_sizes) for e in items)
-        sizes = tuple(s for e in items for s in e.image_sizes)
-        return Batch(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_counts=counts, image_sizes=sizes)
+
+        def stack(arrays):
+            arrays = [a for a in arrays if a is not None]
+            return torch.from_numpy(np.concatenate(arrays)) if arrays else None
+
+        return Batch(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=stack(e.pixel_values for e in items),
+            image_counts=tuple(len(e.image_sizes) for e in items),
+            image_sizes=tuple(s for e in items for s in e.image_sizes),
+            image_tiled=tuple(t for e in items for t in e.image_tiled),
+            video_pixels=stack(e.video_pixels for e in items),
+            video_frames=tuple(f for e in items for f in e.video_frames),
+        )
 
     def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
         """Encode and left-pad several conversations."""
         return self.collate([self.encode(c, add_generation_prompt) for c in conversations])
+
+
+def _check_token(tokenizer: TextTokenizer, token: str, expected: int, kind: str) -> None:
+    found = tokenizer.token_id(token)
+    if found != expected:
+        raise ConfigError(
+            f"the tokenizer maps {token!r} to id {found}, but config.json says the {kind} token id is {expected}; "
+            "the tokenizer does not belong to this model."
+        )
 
 
 def _check_agrees(image_dict: dict, image_cfg: ImageProcessorConfig, cfg: LlavaConfig) -> None:

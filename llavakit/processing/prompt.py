@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from ..errors import ConfigError, PromptError
 
 IMAGE_KEYS = ("image", "url", "path", "base64")
+VIDEO_KEYS = ("video", "url", "path")
 ROLES = ("system", "user", "assistant")
 
 # Used when a checkpoint ships no template: the published template of each family's LLaVA.
@@ -50,6 +51,7 @@ DEFAULT_TEMPLATES = {
     "qwen2": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
         "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
         "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
         "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] }}{% endgeneration %}"
         "{% else %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
@@ -103,6 +105,7 @@ class TextTokenizer:
     pad_token: str | None
     unk_token: str | None
     image_token: str
+    video_token: str = "<video>"
 
     @property
     def image_token_id(self) -> int | None:
@@ -114,7 +117,7 @@ class TextTokenizer:
     def special_tokens(self) -> dict[str, str]:
         """The template variables transformers passes (bos_token, eos_token, ...)."""
         names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                 "unk_token": self.unk_token, "image_token": self.image_token}
+                 "unk_token": self.unk_token, "image_token": self.image_token, "video_token": self.video_token}
         return {k: v for k, v in names.items() if v is not None}
 
     def encode(self, text: str) -> list[int]:
@@ -147,6 +150,7 @@ def load_tokenizer(folder: Path) -> TextTokenizer:
         pad_token=_token_text(cfg.get("pad_token")),
         unk_token=_token_text(cfg.get("unk_token")),
         image_token=_token_text(proc.get("image_token") or cfg.get("image_token")) or "<image>",
+        video_token=_token_text(proc.get("video_token") or cfg.get("video_token")) or "<video>",
     )
 
 
@@ -184,14 +188,33 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
         raise PromptError(f"the chat template failed on this conversation: {e}") from e
 
 
-def split_conversation(messages: Any) -> tuple[list[dict], list[Any]]:
-    """Validate a conversation; return it in template form (parts without payloads) and its images in order.
+@dataclass(frozen=True)
+class VideoPart:
+    """A video in a conversation: its source and optional per-video sampling."""
+
+    source: Any
+    num_frames: int | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated conversation: template-ready messages, and its media in order."""
+
+    messages: list[dict]
+    images: list[Any]
+    videos: list[VideoPart]
+
+
+def split_conversation(messages: Any) -> Conversation:
+    """Validate a conversation; return it in template form (parts without payloads) and its media in order.
 
     Plain-string content becomes one text part. Raises PromptError for malformed messages.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
-    out, images = [], []
+    out, images, videos = [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise PromptError(f"message {i} must be a dict with 'role' and 'content', got {str(m)[:80]!r}.")
@@ -212,12 +235,15 @@ def split_conversation(messages: Any) -> tuple[list[dict], list[Any]]:
             elif kind in ("image", "image_url"):
                 images.append(_image_source(part, i))
                 parts.append({"type": "image"})
+            elif kind == "video":
+                videos.append(_video_part(part, i))
+                parts.append({"type": "video"})
             else:
                 raise PromptError(
-                    f"message {i}: content part type {kind!r} is not supported; use 'text' or 'image'."
+                    f"message {i}: content part type {kind!r} is not supported; use 'text', 'image' or 'video'."
                 )
         out.append({"role": m["role"], "content": parts})
-    return out, images
+    return Conversation(out, images, videos)
 
 
 def _image_source(part: dict, i: int) -> Any:
@@ -233,13 +259,20 @@ def _image_source(part: dict, i: int) -> Any:
     raise PromptError(f"message {i}: an image part needs one of {', '.join(IMAGE_KEYS)}.")
 
 
-def expand_image_tokens(text: str, image_token: str, counts: list[int]) -> str:
-    """Replace the i-th `image_token` with counts[i] copies; the number of placeholders must match the images."""
+def _video_part(part: dict, i: int) -> VideoPart:
+    source = next((part[k] for k in VIDEO_KEYS if part.get(k) is not None), None)
+    if source is None:
+        raise PromptError(f"message {i}: a video part needs one of {', '.join(VIDEO_KEYS)}.")
+    return VideoPart(source, part.get("num_frames"), part.get("fps"), part.get("max_frames"))
+
+
+def expand_image_tokens(text: str, image_token: str, counts: list[int], kind: str = "image") -> str:
+    """Replace the i-th `image_token` with counts[i] copies; the number of placeholders must match the media."""
     pieces = text.split(image_token)
     if len(pieces) - 1 != len(counts):
         raise PromptError(
-            f"the prompt has {len(pieces) - 1} {image_token} placeholder(s) but {len(counts)} image(s) were given; "
-            "each image needs exactly one placeholder."
+            f"the prompt has {len(pieces) - 1} {image_token} placeholder(s) but {len(counts)} {kind}(s) were given; "
+            f"each {kind} needs exactly one placeholder."
         )
     out = [pieces[0]]
     for count, piece in zip(counts, pieces[1:]):

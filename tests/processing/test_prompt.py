@@ -56,7 +56,8 @@ def pair(checkpoint):
 def test_rendered_prompt_and_ids_match_transformers(pair, name):
     vlm, proc = pair
     conv = _with_images(CONVERSATIONS[name])
-    text, images = vlm.processor.render(conv)
+    text, parsed = vlm.processor.render(conv)
+    images = parsed.images
     assert text == proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     ref = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     batch = vlm.prepare([conv])
@@ -108,11 +109,11 @@ def test_missing_template_falls_back_to_the_family_default(checkpoint, tmp_path)
 
 
 def test_image_sources_in_every_spelling():
-    _, images = split_conversation([{"role": "user", "content": [
+    images = split_conversation([{"role": "user", "content": [
         {"type": "image", "image": "a.png"}, {"type": "image", "url": "https://x/b.png"},
         {"type": "image", "path": "c.png"}, {"type": "image", "base64": "QUJD"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
-        {"type": "text", "text": "?"}]}])
+        {"type": "text", "text": "?"}]}]).images
     assert images == ["a.png", "https://x/b.png", "c.png", "QUJD", "data:image/png;base64,QUJD"]
 
 
