@@ -1,6 +1,6 @@
 """Command line: one plain function per subcommand.
 
-    llavakit chat [--model DIR] [--image PATH ...] ["question"]   one streamed answer, or an interactive chat
+    llavakit chat [--model DIR] [--image PATH ...] [--video PATH] ["question"]   one answer, or a chat
     llavakit info [--model DIR] [--image PATH]                    architecture, sizes, token ids, template
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import LlavakitError
 
-HELP_INTERACTIVE = """commands: /image PATH attaches an image to your next message, /reset starts over,
+HELP_INTERACTIVE = """commands: /image PATH or /video PATH attaches to your next message, /reset starts over,
 /quit (or Ctrl-D) leaves; anything else is sent as your message."""
 
 
@@ -41,8 +41,15 @@ def _load(args):
     return llavakit.load(model, dtype=args.dtype)
 
 
-def _user_message(text: str, images: list[str]) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]}
+def _user_message(text: str, media: list[tuple[str, str]], args) -> dict:
+    """A user turn with its attachments: (kind, path) pairs, kind "image" or "video"."""
+    parts = []
+    for kind, path in media:
+        if kind == "image":
+            parts.append({"type": "image", "image": path})
+        else:
+            parts.append({"type": "video", "video": path, "num_frames": args.num_frames, "fps": args.fps})
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
 def _answer(vlm, messages, args) -> str:
@@ -61,10 +68,13 @@ def cmd_chat(args) -> int:
     """Answer one question (prompt given) or hold an interactive multi-turn chat (no prompt)."""
     vlm = _load(args)
     system = [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
+    attached = [("image", p) for p in args.image] + [("video", p) for p in args.video]
+    if args.fps is not None and args.num_frames is not None:
+        raise LlavakitError("give --num-frames or --fps, not both.")
     if args.prompt is not None:
-        _answer(vlm, system + [_user_message(args.prompt, args.image)], args)
+        _answer(vlm, system + [_user_message(args.prompt, attached, args)], args)
         return 0
-    history, pending = list(system), list(args.image)
+    history, pending = list(system), attached
     print(HELP_INTERACTIVE, file=sys.stderr)
     while True:
         try:
@@ -80,15 +90,15 @@ def cmd_chat(args) -> int:
         if line == "/reset":
             history, pending = list(system), []
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        if line.startswith(("/image", "/video")):
+            kind, path = line[1:6], line[6:].strip()
             if not Path(path).is_file():
-                print(f"error: no image file at {path!r}", file=sys.stderr)
+                print(f"error: no {kind} file at {path!r}", file=sys.stderr)
                 continue
-            pending.append(path)
+            pending.append((kind, path))
             print(f"[attached {path}]", file=sys.stderr)
             continue
-        message = _user_message(line, pending)
+        message = _user_message(line, pending, args)
         try:
             reply = _answer(vlm, history + [message], args)
         except LlavakitError as e:  # a bad image or prompt ends this turn, not the session
@@ -129,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     model_args(chat)
     chat.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat starts")
     chat.add_argument("--image", action="append", default=[], help="image path, URL or data URL (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="video file (repeatable; OneVision models)")
+    chat.add_argument("--num-frames", type=int, help="frames sampled evenly from each video (default 32)")
+    chat.add_argument("--fps", type=float, help="sample videos at this many frames per second instead")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

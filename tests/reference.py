@@ -34,7 +34,7 @@ LLAVA_TEMPLATE = (
 )
 
 
-def build_tokenizer(add_bos: bool):
+def build_tokenizer(add_bos: bool, extra_special=()):
     """A byte-level BPE tokenizer trained on a small corpus, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -43,7 +43,7 @@ def build_tokenizer(add_bos: bool):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=420, special_tokens=SPECIAL + list(extra_special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if add_bos:
@@ -194,13 +194,109 @@ def make_llava_next(
     return out
 
 
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ONEVISION_TILE, ONEVISION_PATCH = 35, 7  # 5x5 patches: an odd grid, so video pooling rounds up (5 -> 3)
+
+
+def onevision_pinpoints(tile: int = ONEVISION_TILE, max_grid: int = 6):
+    """The published 36 pinpoints (grids 1x1 ... 6x6), scaled to a tiny tile."""
+    return [[tile * h, tile * w] for h in range(1, max_grid + 1) for w in range(1, max_grid + 1)]
+
+
+def make_llava_onevision(out: Path, vision_feature_layer=-1, max_tiles: int = 9, tie: bool = True, seed: int = 0,
+                         template: str = ONEVISION_TEMPLATE) -> Path:
+    """Write a tiny random `model_type: llava_onevision` checkpoint folder and return its path.
+
+    transformers' OneVision processor cannot be built without torchvision (its video processor
+    needs it), so the processor files are written as the published checkpoints have them.
+    """
+    from transformers import (
+        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out)
+    tokenizer = build_tokenizer(add_bos=False, extra_special=["<video>"])
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    video_id = tokenizer.convert_tokens_to_ids("<video>")
+    vision = SiglipVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=ONEVISION_TILE, patch_size=ONEVISION_PATCH, vision_use_head=False,
+    )
+    tcfg = text_config("qwen2", len(tokenizer) + 12, tie_word_embeddings=tie)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=tcfg, image_token_index=image_id, video_token_index=video_id,
+        image_grid_pinpoints=onevision_pinpoints(), vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.model.image_newline.normal_()
+    model.save_pretrained(out)
+    improc = LlavaOnevisionImageProcessor(
+        size={"height": ONEVISION_TILE, "width": ONEVISION_TILE}, image_grid_pinpoints=onevision_pinpoints(),
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3,
+    )
+    improc.save_pretrained(out)  # preprocessor_config.json, as on the hub
+    tokenizer.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
+        "num_image_tokens": (ONEVISION_TILE // ONEVISION_PATCH) ** 2, "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": f"anyres_max_{max_tiles}",
+    }))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    return out
+
+
+def onevision_reference_processor(path: Path):
+    """transformers' LlavaOnevisionProcessor without its video processor (which needs torchvision).
+
+    Built around its __init__ (which insists on a video processor) with the checkpoint's image
+    processor and tokenizer; images and text go through the real transformers code.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionProcessor
+
+    cfg = json.loads((Path(path) / "processor_config.json").read_text())
+    proc = object.__new__(LlavaOnevisionProcessor)
+    proc.image_processor = AutoImageProcessor.from_pretrained(path)
+    proc.tokenizer = AutoTokenizer.from_pretrained(path)
+    proc.video_processor = None
+    proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
+    proc.num_image_tokens = cfg["num_image_tokens"]
+    proc.vision_feature_select_strategy = cfg["vision_feature_select_strategy"]
+    proc.vision_aspect_ratio = cfg["vision_aspect_ratio"]
+    proc.image_token, proc.video_token = "<image>", "<video>"
+    proc.image_token_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    proc.video_token_id = proc.tokenizer.convert_tokens_to_ids("<video>")
+    return proc
+
+
 def load_reference(path: Path):
     """Load (model, processor) with transformers, float32, for comparison; the class follows config.json."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    from transformers import LlavaOnevisionForConditionalGeneration
+
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-    cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}[model_type]
+    cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+           "llava_onevision": LlavaOnevisionForConditionalGeneration}[model_type]
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    if model_type == "llava_onevision":
+        return model, onevision_reference_processor(path)
     proc = AutoProcessor.from_pretrained(path)
     return model, proc
 
