@@ -18,6 +18,8 @@ CHECKPOINTS = {
     "qwen2": dict(family="qwen2"),
     "llama_full_list": dict(family="llama", vision_feature_layer=[-3, -1], strategy="full"),
     "qwen2_tied": dict(family="qwen2", tie=True, vision_feature_layer=0),
+    # llava-interleave: SigLIP tower, "full", last layer
+    "qwen2_siglip": dict(family="qwen2", tower="siglip", strategy="full", vision_feature_layer=-1, tie=True),
 }
 
 

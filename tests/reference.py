@@ -83,17 +83,23 @@ def make_llava(
     seed: int = 0,
     text_extra: dict | None = None,
     template: str | None = LLAVA_TEMPLATE,
+    tower: str = "clip",
 ) -> Path:
-    """Write a tiny random `model_type: llava` checkpoint folder and return its path."""
+    """Write a tiny random `model_type: llava` checkpoint folder and return its path.
+
+    tower "siglip" gives the llava-interleave layout: SigLIP, no class token, a plain resize.
+    """
     from transformers import (
         CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        SiglipImageProcessor, SiglipVisionConfig,
     )
 
     out = Path(out)
     tokenizer = build_tokenizer(add_bos=family != "qwen2")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab = len(tokenizer) + 12  # published vocabularies are padded past the tokenizer
-    vision = CLIPVisionConfig(
+    tower_cls = SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig
+    vision = tower_cls(
         hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-5,
     )
@@ -110,13 +116,18 @@ def make_llava(
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(out)
-    improc = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        resample=3, do_center_crop=True,
-    )
+    if tower == "siglip":
+        improc = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    else:
+        improc = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            resample=3, do_center_crop=True,
+        )
     proc = LlavaProcessor(
         image_processor=improc, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=1, chat_template=template,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=0 if tower == "siglip" else 1,
+        chat_template=template,
     )
     proc.save_pretrained(out)
     return out

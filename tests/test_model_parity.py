@@ -13,7 +13,7 @@ from PIL import Image
 import llavakit
 from reference import load_reference
 
-NAMES = ["llama", "mistral", "qwen2", "llama_full_list", "qwen2_tied"]
+NAMES = ["llama", "mistral", "qwen2", "llama_full_list", "qwen2_tied", "qwen2_siglip"]
 LOGITS_ATOL = 1e-4
 PIXELS_ATOL = 1e-5
 
