@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from reference import make_llava  # noqa: E402
+import llavakit  # noqa: E402
+from reference import load_reference, make_llava, make_llava_next, make_llava_onevision  # noqa: E402
+from reference import CHATML_TEMPLATE  # noqa: E402
 
 # name -> make_llava arguments; each is one checkpoint folder per test session.
 CHECKPOINTS = {
@@ -20,6 +23,13 @@ CHECKPOINTS = {
     "qwen2_tied": dict(family="qwen2", tie=True, vision_feature_layer=0),
     # llava-interleave: SigLIP tower, "full", last layer
     "qwen2_siglip": dict(family="qwen2", tower="siglip", strategy="full", vision_feature_layer=-1, tie=True),
+    # LLaVA-NeXT
+    "next_mistral": dict(builder=make_llava_next, family="mistral"),
+    "next_llama_layers_list": dict(builder=make_llava_next, family="llama", vision_feature_layer=[-3, -1]),
+    "next_qwen2_tied": dict(builder=make_llava_next, family="qwen2", tie=True, template=CHATML_TEMPLATE),
+    # LLaVA-OneVision
+    "onevision": dict(builder=make_llava_onevision),
+    "onevision_cap4_list": dict(builder=make_llava_onevision, max_tiles=4, vision_feature_layer=[-3, -1], tie=False),
 }
 
 
@@ -30,7 +40,24 @@ def checkpoint(tmp_path_factory):
 
     def get(name: str):
         if name not in built:
-            built[name] = make_llava(tmp_path_factory.mktemp(name), seed=len(built), **CHECKPOINTS[name])
+            kwargs = dict(CHECKPOINTS[name])
+            builder = kwargs.pop("builder", make_llava)
+            built[name] = builder(tmp_path_factory.mktemp(name), seed=len(built), **kwargs)
         return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def models(checkpoint):
+    """models(name) -> (vlm float32, reference model, reference processor), loaded once per session."""
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            path = checkpoint(name)
+            ref, proc = load_reference(path)
+            loaded[name] = (llavakit.load(path, dtype=torch.float32), ref, proc)
+        return loaded[name]
 
     return get

@@ -11,11 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import llavakit
 from llavakit import GenerationError, SamplingParams
 from llavakit.api import VLM
 from llavakit.processing.prompt import StreamDecoder
-from reference import load_reference
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 NEW = 24
@@ -40,19 +38,6 @@ PROMPTS = {
 SAMPLED = dict(max_new_tokens=NEW, temperature=0.8, top_k=20, top_p=0.9)
 
 
-@pytest.fixture(scope="module")
-def models(checkpoint):
-    """models(name) -> (vlm, ref, proc), loaded once for this module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = checkpoint(name)
-            ref, proc = load_reference(path)
-            cache[name] = (llavakit.load(path, dtype=torch.float32), ref, proc)
-        return cache[name]
-
-    return get
 
 
 def _ref_generate(ref, proc, conv, **kwargs) -> list[int]:

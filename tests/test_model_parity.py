@@ -10,8 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import llavakit
-from reference import load_reference
 
 NAMES = ["llama", "mistral", "qwen2", "llama_full_list", "qwen2_tied", "qwen2_siglip"]
 LOGITS_ATOL = 1e-4
@@ -50,19 +48,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(checkpoint):
-    """models(name) -> (vlm, ref, proc), each loaded once for this module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = checkpoint(name)
-            ref, proc = load_reference(path)
-            cache[name] = (llavakit.load(path, dtype=torch.float32), ref, proc)
-        return cache[name]
-
-    return get
 
 
 def _ref_inputs(proc, conv):

@@ -18,7 +18,6 @@ from PIL import Image
 import llavakit
 from llavakit import anyres
 from llavakit.config import ONEVISION_PINPOINTS
-from reference import load_reference, make_llava_onevision
 
 LOGITS_ATOL = 1e-4
 PIXELS_ATOL = 1e-5
@@ -84,19 +83,6 @@ def test_video_and_multi_image_counts():
 # ───────────────────────────── tiny checkpoints ─────────────────────────────
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            kwargs = {"default": {}, "cap4_list": dict(max_tiles=4, vision_feature_layer=[-3, -1], tie=False)}[name]
-            path = make_llava_onevision(tmp_path_factory.mktemp(name), seed=len(cache), **kwargs)
-            ref, proc = load_reference(path)
-            cache[name] = (llavakit.load(path, dtype=torch.float32), ref, proc)
-        return cache[name]
-
-    return get
 
 
 def _ref_inputs(proc, conv):
@@ -110,7 +96,7 @@ IMAGES = [_image(0, 50, 33), _image(1, 20, 90), _image(2, 1, 1), _image(3, 400, 
 
 @pytest.mark.parametrize("index", range(len(IMAGES)))
 def test_single_image_processing_matches(models, index):
-    vlm, _, proc = models("default")
+    vlm, _, proc = models("onevision")
     conv = _conv("What is in the picture?", [IMAGES[index]])
     ref = _ref_inputs(proc, conv)
     batch = vlm.prepare([conv])
@@ -121,7 +107,7 @@ def test_single_image_processing_matches(models, index):
 
 
 def test_multi_image_processing_matches(models):
-    vlm, _, proc = models("default")
+    vlm, _, proc = models("onevision")
     conv = _conv("Compare them.", IMAGES[:3])
     ref = _ref_inputs(proc, conv)
     batch = vlm.prepare([conv])
@@ -140,7 +126,7 @@ def _video_reference_ids(proc, conv, frames: int):
 def test_video_processing_matches_the_pil_image_path(models):
     from transformers import SiglipImageProcessor
 
-    vlm, _, proc = models("default")
+    vlm, _, proc = models("onevision")
     frames = _frames(8)
     conv = _conv("What happens?", videos=[frames])
     batch = vlm.prepare([conv])
@@ -172,7 +158,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["default", "cap4_list"])
+@pytest.mark.parametrize("name", ["onevision", "onevision_cap4_list"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match(models, name, case):
     vlm, ref, proc = models(name)
@@ -184,7 +170,7 @@ def test_logits_match(models, name, case):
 
 
 def test_mixed_batch_rows_match_alone(models):
-    vlm, ref, proc = models("default")
+    vlm, ref, proc = models("onevision")
     convs = [CASES["one_image"], CASES["video"], CASES["text_only"], CASES["three_images"]]
     batch = vlm.prepare(convs)
     got = vlm.forward(batch)
@@ -197,7 +183,7 @@ def test_mixed_batch_rows_match_alone(models):
 
 @pytest.mark.parametrize("case", ["one_image", "three_images", "video"])
 def test_greedy_tokens_match(models, case):
-    vlm, ref, proc = models("default")
+    vlm, ref, proc = models("onevision")
     conv = CASES[case]
     _, inputs = _ref_logits(ref, proc, conv, vlm.prepare([conv]))
     out = ref.generate(**inputs, max_new_tokens=24, do_sample=False)
@@ -209,14 +195,14 @@ def test_greedy_tokens_match(models, case):
 
 
 def test_mixed_batch_generation_equals_alone(models):
-    vlm, _, _ = models("default")
+    vlm, _, _ = models("onevision")
     convs = [CASES["one_image"], CASES["video"], CASES["text_only"]]
     params = llavakit.SamplingParams(max_new_tokens=20)
     assert [o.token_ids for o in vlm.generate(convs, params)] == [vlm.chat(c, sampling=params).token_ids for c in convs]
 
 
 def test_video_placeholder_mismatch_raises(models):
-    vlm, _, _ = models("default")
+    vlm, _, _ = models("onevision")
     text, parsed = vlm.processor.render(CASES["video"])
     with pytest.raises(llavakit.PromptError, match="1 <video> placeholder\\(s\\) but 2 video\\(s\\)"):
         vlm.processor.encode_prompt(text, [], parsed.videos * 2)
@@ -231,7 +217,7 @@ def test_llava_checkpoints_refuse_video(checkpoint):
 def test_cli_video(models, tmp_path):
     import av
 
-    vlm, _, _ = models("default")
+    vlm, _, _ = models("onevision")
     path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=10)

@@ -7,7 +7,6 @@ back to the PIL backend; `_hf_processor` asserts that, since the torchvision bac
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
