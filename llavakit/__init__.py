@@ -10,6 +10,7 @@ from .errors import (
     LlavakitError,
     PromptError,
     TokenFeatureMismatch,
+    VideoError,
     WeightsError,
 )
 
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "VLM", "ChatOutput", "Batch", "SamplingParams", "LlavakitError", "ConfigError", "WeightsError",
-    "ImageError", "PromptError", "TokenFeatureMismatch", "GenerationError", "__version__",
+    "ImageError", "VideoError", "PromptError", "TokenFeatureMismatch", "GenerationError", "__version__",
 ]

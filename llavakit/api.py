@@ -15,9 +15,10 @@ from .config import LlavaConfig
 from .engine.generate import embed_batch
 from .engine.generate import generate as _generate
 from .engine.sampling import SamplingParams
-from .errors import ConfigError, GenerationError
+from .errors import ConfigError, GenerationError, PromptError
 from .processing.processor import Batch, Processor
-from .weights import load_model, read_config, resolve_model_dir, save_weights
+from . import original
+from .weights import load_model, read_raw_config, resolve_model_dir, save_weights
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -42,15 +43,17 @@ class ChatOutput:
         return self.text
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, cfg: LlavaConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, raw_config: dict, device: str = "cpu") -> torch.dtype:
     """A torch dtype from a dtype, its name, or None/"auto" (the checkpoint's; float16 runs as bfloat16 on CPU)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
         return dtype
     if dtype is None or dtype == "auto":
-        stored = cfg.source.get("dtype") or cfg.source.get("torch_dtype") or "float32"
+        stored = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
         # Half-precision matmuls on CPUs are slow and overflow-prone; bfloat16 keeps the memory saving.
+        if stored == "float16" and not str(device).startswith("cpu"):
+            return torch.float16
         return torch.bfloat16 if stored in ("float16", "bfloat16") else torch.float32
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
@@ -87,17 +90,19 @@ class VLM:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the weights were loaded in."""
         return self.model.lm_head.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the model runs."""
         return self.model.lm_head.weight.device
 
     # -- inputs -------------------------------------------------------------------------------
     def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
         """Token ids (left-padded), attention mask and pixel values for a list of conversations."""
         if conversations and isinstance(conversations[0], dict):
-            raise GenerationError("prepare() takes a list of conversations; wrap a single one in a list.")
+            raise PromptError("prepare() takes a list of conversations; wrap a single one in a list.")
         return self.processor.prepare(conversations, add_generation_prompt)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -223,22 +228,33 @@ class VLM:
                        "feature_layers": list(cfg.vision_feature_layers), "select_strategy": cfg.select_strategy},
             "image_tokens_per_image": self.processor.features_per_image or "depends on the image size",
             "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints] or None,
-            "tokens": {"image": [tok.image_token, cfg.image_token_id], "bos": [tok.bos_token, tok.token_id(tok.bos_token)],
+            "tokens": {"image": [tok.image_token, cfg.image_token_id],
+                       **({"video": [tok.video_token, cfg.video_token_id]} if cfg.video_token_id is not None else {}),
+                       "bos": [tok.bos_token, tok.token_id(tok.bos_token)],
                        "eos": sorted(self.eos_ids), "pad": self.processor.pad_token_id},
             "chat_template": self.processor.chat_template,
         }
 
 
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device: str = "cpu",
-         revision: str | None = None) -> VLM:
-    """Load a LLaVA checkpoint from a local Hugging Face folder or a hub id.
+         revision: str | None = None, vision_tower: str | os.PathLike | None = None,
+         conv_template: str | None = None) -> VLM:
+    """Load a LLaVA checkpoint from a local folder or a hub id, in the llava-hf or the original format.
 
     dtype: a torch dtype or its name ("float32", "bfloat16", "float16"), or "auto" for the checkpoint's
     own (float16 checkpoints run as bfloat16 on CPU).
+    vision_tower, conv_template: original-format checkpoints only: the CLIP/SigLIP folder when the
+    checkpoint does not store its tower, and the conversation template when the name does not tell.
     """
     folder = resolve_model_dir(name_or_path, revision)
-    cfg = read_config(folder)
-    torch_dtype = resolve_dtype(dtype, cfg)
-    processor = Processor.load(folder, cfg)
-    model = load_model(folder, cfg, torch_dtype).to(device)
-    return VLM(model, processor, cfg, folder, _eos_ids(folder, cfg, processor))
+    raw = read_raw_config(folder)
+    torch_dtype = resolve_dtype(dtype, raw, device)
+    if original.is_original(raw):
+        cfg, model, processor = original.load_parts(folder, raw, torch_dtype, vision_tower, conv_template)
+    else:
+        if vision_tower is not None or conv_template is not None:
+            raise ConfigError("vision_tower and conv_template apply to original-format checkpoints only.")
+        cfg = LlavaConfig.from_hf(raw)
+        processor = Processor.load(folder, cfg)
+        model = load_model(folder, cfg, torch_dtype)
+    return VLM(model.to(device), processor, cfg, folder, _eos_ids(folder, cfg, processor))

@@ -2,6 +2,7 @@
 
     llavakit chat [--model DIR] [--image PATH ...] [--video PATH] ["question"]   one answer, or a chat
     llavakit info [--model DIR] [--image PATH]                    architecture, sizes, token ids, template
+    llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
 """
 
@@ -38,7 +39,7 @@ def _load(args):
     if not args.model:
         print("[llavakit] no --model given: using a tiny model with random weights; its answers are noise.",
               file=sys.stderr)
-    return llavakit.load(model, dtype=args.dtype)
+    return llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template)
 
 
 def _user_message(text: str, media: list[tuple[str, str]], args) -> dict:
@@ -103,6 +104,7 @@ def cmd_chat(args) -> int:
             reply = _answer(vlm, history + [message], args)
         except LlavakitError as e:  # a bad image or prompt ends this turn, not the session
             print(f"error: {e}", file=sys.stderr)
+            pending = []  # drop the attachments that failed, or every later turn would fail too
             continue
         history += [message, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         pending = []
@@ -127,6 +129,15 @@ def cmd_make_random(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Rewrite a checkpoint in the other format (llava-hf <-> original LLaVA)."""
+    from .convert import convert
+
+    print(convert(Path(args.src), Path(args.dst), args.to, vision_tower=args.vision_tower,
+                  conv_template=args.conv_template))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="Run LLaVA-family vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", help="checkpoint folder or hub id (default: a tiny random demo model)")
         sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+        sp.add_argument("--vision-tower", help="original-format checkpoints: the CLIP/SigLIP folder when not stored")
+        sp.add_argument("--conv-template", help="original-format checkpoints: conversation template "
+                        "(llava_v1, vicuna_v1, mistral_instruct, chatml_direct, llava_llama_3, qwen_1_5)")
 
     chat = sub.add_parser("chat", help="chat about images")
     model_args(chat)
@@ -157,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--image", action="append", default=[],
                       help="also show this image's tile grid and token count (repeatable)")
     info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="convert between the llava-hf and the original LLaVA format")
+    conv.add_argument("--to", required=True, choices=["hf", "original"])
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--vision-tower", help="original sources: the CLIP/SigLIP folder when not stored")
+    conv.add_argument("--conv-template", help="original sources: the template to write as chat template")
+    conv.set_defaults(func=cmd_convert)
 
     rand = sub.add_parser("make-random", help="write a checkpoint with random weights")
     rand.add_argument("--out", required=True)

@@ -125,6 +125,7 @@ class VisionConfig:
 
     @property
     def patches_per_side(self) -> int:
+        """Patches along one side of a tile (24 for CLIP-L/14 at 336 px, 27 for SigLIP at 384)."""
         return self.image_size // self.patch_size
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +19,8 @@ from safetensors.torch import save_file
 
 from .config import LlavaConfig
 from .errors import ConfigError, WeightsError
+
+KeyMap = Callable[[str], "str | None"]  # checkpoint key -> llavakit name, or None to skip
 
 # (checkpoint prefix, llavakit prefix); the first match wins, so longer prefixes come first.
 _KEY_PREFIXES = (
@@ -46,7 +49,7 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def _published_key(name: str) -> str:
+def published_key(name: str) -> str:
     """The layout llava-hf checkpoints use on the hub, which transformers 4.x and 5.x both read."""
     for prefix, out in (
         ("language_model.", "language_model.model."),
@@ -80,8 +83,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         raise ConfigError(f"could not fetch {text!r} from the hub: {e}") from e
 
 
-def read_config(folder: Path) -> LlavaConfig:
-    """Parse `folder/config.json` into a LlavaConfig."""
+def read_raw_config(folder: Path) -> dict:
+    """`folder/config.json` as a dict."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
@@ -89,7 +92,14 @@ def read_config(folder: Path) -> LlavaConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return LlavaConfig.from_hf(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}.")
+    return raw
+
+
+def read_config(folder: Path) -> LlavaConfig:
+    """Parse `folder/config.json` into a LlavaConfig."""
+    return LlavaConfig.from_hf(read_raw_config(folder))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -135,26 +145,21 @@ def _read_tensors(path: Path):
         ) from e
 
 
-def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
+               sources: list[tuple[Path, KeyMap]] | None = None) -> dict[str, torch.Tensor]:
     """Read every weight of `folder` under llavakit names, floats converted to `dtype`.
 
-    Raises WeightsError listing missing and unexpected keys against `model`'s parameters.
+    sources: (folder, key map) pairs to read instead, for checkpoints whose weights are split over
+    folders or named otherwise; a key map returns None for a weight to skip. Raises WeightsError
+    listing missing and unexpected keys against `model`'s parameters.
     """
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
     expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for path in weight_files(folder):
-        for key, tensor in _read_tensors(path):
-            name = canonical_key(key)
-            if name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
-                tied and name == "lm_head.weight"
-            ):
-                continue
-            if name not in expected:
-                unexpected.append(key)
-                continue
-            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for src, key_map in sources or [(folder, canonical_key)]:
+        for path in weight_files(src):
+            _read_file(path, key_map, expected, tied, dtype, state, unexpected)
     missing = sorted(expected - state.keys())
     if missing or unexpected:
         parts = []
@@ -170,6 +175,19 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype) -> dict
     return state
 
 
+def _read_file(path: Path, key_map, expected: set, tied: bool, dtype: torch.dtype, state: dict, unexpected: list):
+    for key, tensor in _read_tensors(path):
+        name = key_map(key)
+        if name is None or name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
+            tied and name == "lm_head.weight"
+        ):
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put `state` into a model built on the meta device, checking every shape first."""
     params = model.state_dict()
@@ -183,16 +201,21 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 def save_weights(model: torch.nn.Module, folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write the model's weights in the published layout, sharded above `max_shard_bytes`."""
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
+    tensors = {published_key(name): t for name, t in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}
+    write_tensors(tensors, folder, max_shard_bytes)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write named tensors as model.safetensors, or as shards plus an index above `max_shard_bytes`."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
+    for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][_published_key(name)] = tensor.detach().contiguous()
+        shards[-1][key] = tensor.detach().contiguous()
         size += nbytes
     folder.mkdir(parents=True, exist_ok=True)
     for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
@@ -211,14 +234,21 @@ def save_weights(model: torch.nn.Module, folder: Path, max_shard_bytes: int = 5 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype) -> torch.nn.Module:
+def read_tensors(folder: Path):
+    """Yield (key, tensor) of every weight of a checkpoint folder, as stored (no dtype change)."""
+    for path in weight_files(folder):
+        yield from _read_tensors(path)
+
+
+def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
+               sources: list[tuple[Path, KeyMap]] | None = None) -> torch.nn.Module:
     """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`."""
     from .model.llava import LlavaModel
     from .model.layers import rope_inv_freq
 
     with torch.device("meta"):
         model = LlavaModel(cfg)
-    assign_weights(model, load_state(folder, model, dtype))
+    assign_weights(model, load_state(folder, model, dtype, sources))
     model.tie_weights()
     # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.
     model.language_model.inv_freq = rope_inv_freq(cfg.text.rope, cfg.text.head_dim)

@@ -58,6 +58,20 @@ def build_tokenizer(add_bos: bool, extra_special=()):
     )
 
 
+def _randomize(model) -> None:
+    """Perturb every weight so a wrong one shows, and widen the matrices so that answers depend on context.
+
+    With transformers' 0.02 init the residual stream is dominated by the input embedding and greedy
+    decoding repeats one token whatever the image; six times wider matrices give varied answers, so
+    token-for-token comparisons really test the image path.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+            if p.ndim >= 2 and "embed" not in name:
+                p.mul_(6.0)
+
+
 def text_config(family: str, vocab_size: int, **extra):
     """A tiny decoder config of the given family (llama, mistral, qwen2)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -84,6 +98,9 @@ def make_llava(
     text_extra: dict | None = None,
     template: str | None = LLAVA_TEMPLATE,
     tower: str = "clip",
+    projector_bias: bool = True,
+    projector_act: str = "gelu",
+    pad: bool = False,
 ) -> Path:
     """Write a tiny random `model_type: llava` checkpoint folder and return its path.
 
@@ -107,18 +124,23 @@ def make_llava(
     cfg = LlavaConfig(
         vision_config=vision, text_config=tcfg, image_token_index=image_id,
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=tie, multimodal_projector_bias=projector_bias, projector_hidden_act=projector_act,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong weight shows.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    _randomize(model)
     model.save_pretrained(out)
     if tower == "siglip":
         improc = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3,
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    elif pad:  # the original LLaVA-1.5 preprocessing: pad to a square of the mean colour first
+        from transformers import LlavaImageProcessor
+
+        improc = LlavaImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            resample=3, do_center_crop=True, do_pad=True,
+        )
     else:
         improc = CLIPImageProcessor(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -165,8 +187,12 @@ def make_llava_next(
     tie: bool = False,
     seed: int = 0,
     template: str | None = MISTRAL_TEMPLATE,
+    tower: str = "clip",
 ) -> Path:
-    """Write a tiny random `model_type: llava_next` checkpoint folder and return its path."""
+    """Write a tiny random `model_type: llava_next` checkpoint folder and return its path.
+
+    tower "siglip" (no class token) goes with the `full` strategy, the only one it can tile with.
+    """
     from transformers import (
         CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
         LlavaNextProcessor,
@@ -176,21 +202,23 @@ def make_llava_next(
     pinpoints = pinpoints or NEXT_PINPOINTS
     tokenizer = build_tokenizer(add_bos=family != "qwen2")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
+    from transformers import SiglipVisionConfig
+
+    vision = (SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig)(
         hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         image_size=tile, patch_size=patch_size, layer_norm_eps=1e-5,
     )
+    strategy = "full" if tower == "siglip" else "default"
     tcfg = text_config(family, len(tokenizer) + 12, tie_word_embeddings=tie)
     cfg = LlavaNextConfig(
         vision_config=vision, text_config=tcfg, image_token_index=image_id, image_grid_pinpoints=pinpoints,
-        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
+    _randomize(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
         model.model.image_newline.normal_()  # its init is random already; make it clearly non-zero
     model.save_pretrained(out)
     improc = LlavaNextImageProcessor(
@@ -199,7 +227,8 @@ def make_llava_next(
     )
     proc = LlavaNextProcessor(
         image_processor=improc, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=int(tower != "siglip"),
+        chat_template=template,
     )
     proc.save_pretrained(out)
     return out
@@ -224,7 +253,7 @@ def onevision_pinpoints(tile: int = ONEVISION_TILE, max_grid: int = 6):
     return [[tile * h, tile * w] for h in range(1, max_grid + 1) for w in range(1, max_grid + 1)]
 
 
-def make_llava_onevision(out: Path, vision_feature_layer=-1, max_tiles: int = 9, tie: bool = True, seed: int = 0,
+def make_llava_onevision(out: Path, vision_feature_layer=-1, max_tiles: int = 9, tie: bool = False, seed: int = 0,
                          template: str = ONEVISION_TEMPLATE) -> Path:
     """Write a tiny random `model_type: llava_onevision` checkpoint folder and return its path.
 
@@ -253,9 +282,8 @@ def make_llava_onevision(out: Path, vision_feature_layer=-1, max_tiles: int = 9,
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    _randomize(model)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
         model.model.image_newline.normal_()
     model.save_pretrained(out)
     improc = LlavaOnevisionImageProcessor(

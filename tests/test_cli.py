@@ -15,8 +15,10 @@ import llavakit
 
 def _run(args, stdin=None, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "llavakit", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120, env=env)
+    # Bytes in and out: random-weight answers may hold "\r", which text mode would turn into "\n".
+    res = subprocess.run([sys.executable, "-m", "llavakit", *args], input=None if stdin is None else stdin.encode(),
+                         capture_output=True, timeout=120, env=env)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,20 @@ def test_interactive_chat_keeps_history_and_attaches_images(checkpoint, picture)
     a2 = vlm.chat(turn2, max_new_tokens=6).text
     # one prompt per input line: /image, question, /image, question, /quit
     assert res.stdout == f">>> >>> {a1}\n>>> >>> {a2}\n>>> "
+
+
+def test_interactive_chat_recovers_from_a_bad_attachment(checkpoint, tmp_path, picture):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    script = f"/image {bad}\nfirst\n/image {picture}\nsecond\n"
+    res = _run(["chat", "--model", str(checkpoint("llama")), "--dtype", "float32", "--max-new-tokens", "4"],
+               stdin=script)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("error:") == 1  # the broken file fails its own turn only
+    vlm = llavakit.load(checkpoint("llama"), dtype=torch.float32)
+    second = [{"role": "user", "content": [{"type": "image", "image": str(picture)},
+                                           {"type": "text", "text": "second"}]}]
+    assert res.stdout.endswith(f">>> {vlm.chat(second, max_new_tokens=4).text}\n>>> ")
 
 
 def test_info_describes_the_checkpoint(checkpoint):

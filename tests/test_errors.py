@@ -21,6 +21,7 @@ from llavakit import (
     LlavakitError,
     PromptError,
     TokenFeatureMismatch,
+    VideoError,
     WeightsError,
 )
 
@@ -45,8 +46,8 @@ def _user(*parts) -> list[dict]:
 # ───────────────────────────── hierarchy ─────────────────────────────
 
 
-@pytest.mark.parametrize("cls", [ConfigError, WeightsError, ImageError, PromptError, TokenFeatureMismatch,
-                                 GenerationError])
+@pytest.mark.parametrize("cls", [ConfigError, WeightsError, ImageError, VideoError, PromptError,
+                                 TokenFeatureMismatch, GenerationError])
 def test_hierarchy(cls):
     assert issubclass(cls, LlavakitError) and issubclass(cls, ValueError)
     assert cls is not LlavakitError
@@ -283,7 +284,7 @@ def test_malformed_messages(vlm, conv, needle):
 def test_empty_batch(vlm):
     with pytest.raises(PromptError):
         vlm.prepare([])
-    with pytest.raises(GenerationError):
+    with pytest.raises(PromptError, match="wrap a single one in a list"):
         vlm.prepare(_user({"type": "text", "text": "hi"}))  # a single conversation not wrapped in a list
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import llavakit
 from llavakit import GenerationError, SamplingParams
 from llavakit.api import VLM
 from llavakit.processing.prompt import StreamDecoder
@@ -265,3 +266,51 @@ def test_stream_decoder_utf8(models, name):
     pieces.append(dec.flush())
     assert not any("\ufffd" in p for p in pieces)
     assert "".join(pieces) == text
+
+
+# ───────────────────────────── long answers and the context limit ─────────────────────────────
+
+
+def test_long_answer_grows_the_cache_and_matches_transformers(models):
+    """Past the first cache allocation (256 new tokens) the answer still equals the reference's."""
+    vlm, ref, proc = models("llama")
+    conv = PROMPTS["one_image"]
+    inputs = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    with torch.no_grad():  # an end-of-sequence id no token has: the reference never stops early either
+        want = ref.generate(**inputs, max_new_tokens=300, do_sample=False, eos_token_id=10**6)
+    want = want[0, inputs["input_ids"].shape[1]:].tolist()
+    got = vlm.chat(conv, sampling=SamplingParams(max_new_tokens=300, ignore_eos=True)).token_ids
+    assert len(got) == 300 and got == want
+
+
+def test_answers_end_at_the_context_limit(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "short_context"
+    shutil.copytree(checkpoint("llama"), path)
+    vlm = llavakit.load(path, dtype=torch.float32)
+    prompt_len = int(vlm.prepare([PROMPTS["one_image"]]).attention_mask.sum())
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = prompt_len + 5
+    (path / "config.json").write_text(json.dumps(config))
+    short = llavakit.load(path, dtype=torch.float32)
+    out = short.chat(PROMPTS["one_image"], sampling=SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert (len(out.token_ids), out.finish_reason) == (5, "length")
+    config["text_config"]["max_position_embeddings"] = prompt_len
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GenerationError, match=f"holds {prompt_len} tokens but the model's context is {prompt_len}"):
+        llavakit.load(path, dtype=torch.float32).chat(PROMPTS["one_image"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature="0.5"), "temperature must be a number"),
+    (dict(seed=2**70), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(top_p=float("nan")), "top_p must be a number"),
+])
+def test_sampling_param_types_are_checked(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams(**kwargs)

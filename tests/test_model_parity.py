@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 
-NAMES = ["llama", "mistral", "qwen2", "llama_full_list", "qwen2_tied", "qwen2_siglip"]
+NAMES = ["llama", "mistral", "qwen2", "llama_full_list", "qwen2_tied", "qwen2_siglip", "mistral_full_list_nobias",
+         "qwen2_default_list"]
 LOGITS_ATOL = 1e-4
 PIXELS_ATOL = 1e-5
 

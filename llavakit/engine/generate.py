@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import dataclasses
+
 import torch
 
+from ..errors import GenerationError
 from ..model.llava import LlavaModel
 from ..model.text import KVCache
 from ..processing.processor import Batch
@@ -109,8 +112,19 @@ def generate(
             g.manual_seed(p.seed)
         seen = ids[i][mask[i].bool()].tolist()
         rows.append(_Row(params=p, decoder=StreamDecoder(tokenizer), seen=seen, generator=g))
+    context = model.cfg.text.max_position_embeddings
+    if t >= context:
+        raise GenerationError(
+            f"the prompt holds {t} tokens but the model's context is {context}; shorten the conversation "
+            "or use fewer or smaller images."
+        )
+    # Answers end at the context limit at the latest, with finish_reason "length".
+    params = [dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, context - t)) for p in params]
+    for row, p in zip(rows, params):
+        row.params = p
     budget = max(p.max_new_tokens for p in params)
-    cache = KVCache.allocate(model.cfg.text, b, t + budget, model.lm_head.weight.dtype, device)
+    # The cache starts small and grows, so a large max_new_tokens costs memory only when used.
+    cache = KVCache.allocate(model.cfg.text, b, t + min(budget, 256), model.lm_head.weight.dtype, device)
     # Padding needs a key mask; an unpadded batch uses the causal fast path.
     padded = bool((mask == 0).any())
     valid = torch.ones(b, t + budget, dtype=torch.bool, device=device) if padded else None
@@ -138,6 +152,7 @@ def generate(
                 yield step
             if all(r.done for r in rows):
                 return
+            cache.reserve(cache.length + 1)
             embeds = model.language_model.embed_tokens(tokens.to(device))  # (B, 1, D)
             logits = model.decode(embeds, next_pos.to(device), valid, cache, last_only=True)[:, -1]
             next_pos = next_pos + 1

@@ -31,8 +31,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        number = (int, float)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, number) or value != value:
+                raise GenerationError(f"{name} must be a number, got {value!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise GenerationError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+             and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
@@ -45,6 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: always the most likely token."""
         return self.temperature == 0
 
 
@@ -76,7 +86,7 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, gene
 
     seen: 1-D long tensor of the prompt and generated ids (for the repetition penalty).
     """
-    logits = logits.float()
+    logits = logits.float().cpu()  # per-request generators and histories live on the CPU
     if p.repetition_penalty != 1.0:
         logits = penalize(logits, seen, p.repetition_penalty)
     if p.greedy:

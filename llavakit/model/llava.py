@@ -136,12 +136,17 @@ class LlavaModel(nn.Module):
         image_features / video_features: (R, D), rows in prompt order (batch row, then position).
         R must equal the number of placeholder tokens, else TokenFeatureMismatch gives both counts.
         """
-        embeds = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         placeholders = [("Image", self.cfg.image_token_id, image_features)]
         if self.cfg.video_token_id is not None:
             placeholders.append(("Video", self.cfg.video_token_id, video_features))
         elif video_features is not None:
             raise TokenFeatureMismatch(f"{self.cfg.model_type} checkpoints take no video; send images instead.")
+        # Original-format checkpoints mark placeholders with ids outside the vocabulary (-200):
+        # look those rows up as id 0, they are overwritten below anyway.
+        is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for _, token_id, _ in placeholders:
+            is_placeholder |= input_ids == token_id
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_placeholder, 0))  # (B, T, D)
         for kind, token_id, feats in placeholders:
             mask = input_ids == token_id  # (B, T)
             n_tokens = int(mask.sum())

@@ -43,7 +43,19 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
+        """Tokens each row can hold before `reserve` has to grow the buffers."""
         return self.keys[0].shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Grow every buffer to hold at least `total` tokens (doubling, so growth stays rare)."""
+        if total <= self.capacity:
+            return
+        new = max(total, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = grown
 
 
 def attention_mask(valid: torch.Tensor | None, start: int, t: int, window: int | None, device) -> torch.Tensor | None:
@@ -69,6 +81,8 @@ def attention_mask(valid: torch.Tensor | None, start: int, t: int, window: int |
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions, writing into the KV cache when given one."""
+
     def __init__(self, cfg: TextConfig, window: int | None):
         super().__init__()
         self.cfg, self.window = cfg, window
@@ -111,6 +125,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: TextConfig, window: int | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -20,6 +20,8 @@ from .layers import activation
 
 
 class VisionEmbeddings(nn.Module):
+    """Patchify with a strided conv, prepend the class token (CLIP), add learned positions."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -41,6 +43,8 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    """Multi-head self-attention over all patches (no mask)."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -59,6 +63,8 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
+    """fc1 -> activation -> fc2."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -85,6 +91,8 @@ class VisionLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
+    """The stack of layers; a module of its own so parameter names match the checkpoints'."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))

@@ -30,6 +30,7 @@ import http.client
 import io
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .. import anyres
 from ..errors import ConfigError, ImageError
 
 URL_TIMEOUT_S = 30.0
+URL_MAX_BYTES = 64 << 20  # images larger than this are refused, not read into memory
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
@@ -90,11 +92,26 @@ def _decode(fp: str | io.BytesIO, given: Any) -> Image.Image:
 
 
 def _fetch(url: str) -> bytes:
-    """GET `url` with a 30 s timeout; any network or HTTP failure becomes an ImageError."""
+    """GET `url` within URL_TIMEOUT_S in all and at most URL_MAX_BYTES; failures become an ImageError.
+
+    The socket timeout alone bounds each read, not the download: a server trickling bytes could
+    hold a request forever, so the whole transfer has a deadline too.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": "llavakit"})
+    deadline = time.monotonic() + URL_TIMEOUT_S
     try:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            return response.read()
+            chunks, size = [], 0
+            while chunk := response.read(1 << 16):
+                size += len(chunk)
+                if size > URL_MAX_BYTES:
+                    raise ImageError(f"Image URL {_describe(url)} is larger than {URL_MAX_BYTES >> 20} MB.")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"Image URL {_describe(url)} took longer than {URL_TIMEOUT_S:.0f} s to download.")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except ImageError:
+        raise
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts are OSErrors
         raise ImageError(
             f"Could not fetch image URL {_describe(url)} ({type(e).__name__}: {e}). "

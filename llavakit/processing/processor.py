@@ -33,6 +33,7 @@ from .prompt import (
     Conversation,
     TextTokenizer,
     VideoPart,
+    chunked_ids,
     expand_image_tokens,
     load_chat_template,
     load_tokenizer,
@@ -94,6 +95,10 @@ class Processor:
     pad_token_id: int
     num_frames: int = DEFAULT_NUM_FRAMES
 
+    # Original-format checkpoints: placeholders are ids outside the vocabulary, and the prompt is
+    # tokenized chunk by chunk around them (the original `tokenizer_image_token`).
+    original: bool = False
+
     @classmethod
     def load(cls, folder: Path, cfg: LlavaConfig) -> "Processor":
         """Read the processor files of a checkpoint folder (both the published and the transformers-5 layout)."""
@@ -101,19 +106,24 @@ class Processor:
         _check_token(tokenizer, tokenizer.image_token, cfg.image_token_id, "image")
         if cfg.video_token_id is not None:
             _check_token(tokenizer, tokenizer.video_token, cfg.video_token_id, "video")
-        image_dict = read_image_processor_dict(folder)
+        template = load_chat_template(folder) or DEFAULT_TEMPLATES[cfg.text.model_type]
+        return cls.build(tokenizer, read_image_processor_dict(folder), cfg, template, original=False)
+
+    @classmethod
+    def build(cls, tokenizer: TextTokenizer, image_dict: dict, cfg: LlavaConfig, template: str,
+              original: bool) -> "Processor":
+        """A processor from its parts; checks that the image processor and the model agree."""
         image_cfg = ImageProcessorConfig.from_hf(image_dict)
         _check_agrees(image_dict, image_cfg, cfg)
         side = cfg.vision.image_size
         video_cfg = dataclasses.replace(image_cfg, do_resize=True, size_shortest_edge=None, size_height=side,
                                         size_width=side, do_center_crop=False, do_pad=False)
-        template = load_chat_template(folder) or DEFAULT_TEMPLATES[cfg.text.model_type]
         pad = tokenizer.token_id(tokenizer.pad_token)
         for candidate in (pad, cfg.text.pad_token_id, tokenizer.token_id(tokenizer.eos_token), 0):
             if candidate is not None:
                 pad = candidate
                 break
-        return cls(tokenizer, image_cfg, video_cfg, template, cfg, int(pad))
+        return cls(tokenizer, image_cfg, video_cfg, template, cfg, int(pad), original=original)
 
     @property
     def features_per_image(self) -> int | None:
@@ -167,13 +177,18 @@ class Processor:
         tiled = not (self.model.max_tiles is not None and len(images) > 1)
         image_in = [self.image_inputs(im, tiled) for im in images]
         video_in = [self.video_inputs(v) for v in videos]
-        text = expand_image_tokens(prompt, tok.image_token, [n for _, n in image_in])
-        if self.model.video_token_id is not None:
-            text = expand_image_tokens(text, tok.video_token, [n for _, n in video_in], kind="video")
-        ids = tok.encode(text)
-        checks = [(tok.image_token, tok.image_token_id, image_in)]
-        if self.model.video_token_id is not None:
-            checks.append((tok.video_token, tok.token_id(tok.video_token), video_in))
+        m = self.model
+        if self.original:
+            ids = chunked_ids(tok, prompt, [(tok.image_token, m.image_token_id, [n for _, n in image_in]),
+                                            (tok.video_token, m.video_token_id, [n for _, n in video_in])])
+        else:
+            text = expand_image_tokens(prompt, tok.image_token, [n for _, n in image_in])
+            if m.video_token_id is not None:
+                text = expand_image_tokens(text, tok.video_token, [n for _, n in video_in], kind="video")
+            ids = tok.encode(text)
+        checks = [(tok.image_token, m.image_token_id, image_in)]
+        if m.video_token_id is not None:
+            checks.append((tok.video_token, m.video_token_id, video_in))
         for token, token_id, inputs in checks:
             want, found = sum(n for _, n in inputs), sum(1 for i in ids if i == token_id)
             if found != want:

@@ -8,6 +8,7 @@ OpenAI-style `{"type": "image_url", "image_url": {"url": ...}}` is accepted too.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -109,9 +110,11 @@ class TextTokenizer:
 
     @property
     def image_token_id(self) -> int | None:
+        """Id of the image placeholder token, None when the vocabulary lacks it."""
         return self.tok.token_to_id(self.image_token)
 
     def token_id(self, token: str | None) -> int | None:
+        """Id of a token string, None for None or an unknown token."""
         return None if token is None else self.tok.token_to_id(token)
 
     def special_tokens(self) -> dict[str, str]:
@@ -126,6 +129,7 @@ class TextTokenizer:
         return self.tok.encode(text, add_special_tokens=add_special).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens left out by default)."""
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
@@ -279,6 +283,33 @@ def expand_image_tokens(text: str, image_token: str, counts: list[int], kind: st
         out.append(image_token * count)
         out.append(piece)
     return "".join(out)
+
+
+def chunked_ids(tok: TextTokenizer, text: str, placeholders: list[tuple[str, int | None, list[int]]]) -> list[int]:
+    """Token ids the way the original LLaVA code builds them: each text chunk between placeholders
+    tokenized on its own (BOS kept once, at the start), placeholder runs of reserved ids between.
+
+    placeholders: (placeholder text, id, token count per occurrence in order) for images and videos.
+    Raises PromptError when the text's placeholders and the media do not pair up.
+    """
+    active = [(s, i, list(c)) for s, i, c in placeholders if i is not None]
+    pattern = "(" + "|".join(re.escape(s) for s, _, _ in active) + ")"
+    pieces = re.split(pattern, text)
+    queues = {s: (i, c) for s, i, c in active}
+    for s, (_, counts) in queues.items():
+        found = pieces[1::2].count(s)
+        if found != len(counts):
+            raise PromptError(f"the prompt has {found} {s} placeholder(s) but {len(counts)} were given; "
+                              "each image or video needs exactly one placeholder.")
+    bos = tok.token_id(tok.bos_token)
+    first = tok.tok.encode(pieces[0], add_special_tokens=True).ids
+    skip = 1 if first and bos is not None and first[0] == bos else 0
+    ids = list(first)
+    for marker, chunk in zip(pieces[1::2], pieces[2::2]):
+        token_id, counts = queues[marker]
+        ids += [token_id] * counts.pop(0)
+        ids += tok.tok.encode(chunk, add_special_tokens=True).ids[skip:]
+    return ids
 
 
 class StreamDecoder:

@@ -32,6 +32,12 @@ class FrameSampling:
     max_frames: int = 64  # cap for fps sampling
 
     def __post_init__(self):
+        for name in ("num_frames", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise VideoError(f"{name} must be an integer, got {value!r}.")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, (int, float))):
+            raise VideoError(f"fps must be a number, got {self.fps!r}.")
         if (self.num_frames is None) == (self.fps is None):
             raise VideoError("give exactly one of num_frames and fps for video sampling.")
         if self.num_frames is not None and self.num_frames < 1:
@@ -108,6 +114,12 @@ def _decode(source: Any, sampling: FrameSampling) -> list[Image.Image]:
     return [frames[i] for i in wanted if i in frames]
 
 
+def _array_frame(frame: np.ndarray) -> Image.Image:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise VideoError(f"a video frame array must be uint8 of shape (height, width, 3), got {frame.dtype} {frame.shape}.")
+    return Image.fromarray(frame)
+
+
 def load_video(source: Any, sampling: FrameSampling = FrameSampling()) -> list[Image.Image]:
     """Sampled RGB frames of a video given as a file, bytes, a list of images, or an (F, H, W, 3) array."""
     if isinstance(source, np.ndarray):
@@ -119,7 +131,7 @@ def load_video(source: Any, sampling: FrameSampling = FrameSampling()) -> list[I
     elif isinstance(source, (list, tuple)):
         if not source:
             raise VideoError("a video given as a list of frames needs at least one frame.")
-        frames = [load_image(f) if not isinstance(f, np.ndarray) else Image.fromarray(f).convert("RGB") for f in source]
+        frames = [load_image(f) if not isinstance(f, np.ndarray) else _array_frame(f) for f in source]
         duration = None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         return _decode(source, sampling)

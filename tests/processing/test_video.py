@@ -105,3 +105,12 @@ def test_sampling_arguments_are_checked():
         FrameSampling(num_frames=8, fps=1.0)
     with pytest.raises(VideoError, match="num_frames must be >= 1"):
         FrameSampling(num_frames=0)
+
+
+def test_sampling_argument_types_and_frame_arrays_are_checked():
+    with pytest.raises(VideoError, match="num_frames must be an integer"):
+        FrameSampling(num_frames="2")
+    with pytest.raises(VideoError, match="fps must be a number"):
+        FrameSampling(num_frames=None, fps="1")
+    with pytest.raises(VideoError, match="uint8 of shape \\(height, width, 3\\)"):
+        load_video([np.zeros((8, 8, 3), dtype=np.float32)])
