@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,11 +13,11 @@ from typing import Any, Iterator
 import torch
 
 from .config import LlavaConfig
-from .engine.generate import embed_batch
-from .engine.generate import generate as _generate
+from .engine.async_engine import EngineConfig
+from .engine.core import Engine
 from .engine.sampling import SamplingParams
 from .errors import ConfigError, GenerationError, PromptError
-from .processing.processor import Batch, Processor
+from .processing.processor import Batch, Encoded, Processor
 from . import original
 from .weights import load_model, read_raw_config, resolve_model_dir, save_weights
 
@@ -81,12 +82,15 @@ def _eos_ids(folder: Path, cfg: LlavaConfig, processor: Processor) -> set[int]:
 class VLM:
     """A loaded LLaVA model with its processor. Build it with `llavakit.load()`."""
 
-    def __init__(self, model, processor: Processor, cfg: LlavaConfig, folder: Path, eos_ids: set[int]):
+    def __init__(self, model, processor: Processor, cfg: LlavaConfig, folder: Path, eos_ids: set[int],
+                 engine_config: EngineConfig = EngineConfig()):
         self.model = model
         self.processor = processor
         self.config = cfg
         self.folder = folder
         self.eos_ids = eos_ids
+        self.engine_config = engine_config
+        self._engine: Engine | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,12 +115,20 @@ class VLM:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         valid = mask.bool() if bool((mask == 0).any()) else None
         with torch.inference_mode():
-            embeds = embed_batch(self.model, batch)
+            embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes,
+                                             batch.image_tiled, batch.video_pixels, batch.video_frames)
             return self.model.decode(embeds, positions, valid, None, last_only=False).float()
 
     # -- generation ---------------------------------------------------------------------------
     def _params(self, sampling: SamplingParams | None, **values) -> SamplingParams:
         return sampling if sampling is not None else SamplingParams(**values)
+
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine `chat` and `generate` run on (built on first use)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.processor.tokenizer, self.eos_ids, self.engine_config)
+        return self._engine
 
     def chat(
         self,
@@ -137,40 +149,63 @@ class VLM:
         """
         params = self._params(sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
-        batch = self.prepare([messages])
+        encoded = self.processor.encode(messages)
         if stream:
-            return self._stream(batch, params)
-        return self._run(batch, [params])[0]
+            return self._stream(encoded, params)
+        return self._run([encoded], [params])[0]
 
     def generate(self, conversations: list[Any], sampling: SamplingParams | list[SamplingParams] | None = None) -> list[ChatOutput]:
-        """Answer many conversations in one left-padded batch; results come back in order."""
+        """Answer many conversations together on the engine (continuous batching); results come back in order."""
         if isinstance(sampling, list):
             if len(sampling) != len(conversations):
                 raise GenerationError(f"{len(sampling)} sampling params given for {len(conversations)} conversations.")
             params = sampling
         else:
             params = [sampling or SamplingParams()] * len(conversations)
-        return self._run(self.prepare(conversations), params)
+        if conversations and isinstance(conversations[0], dict):
+            raise PromptError("generate() takes a list of conversations; wrap a single one in a list.")
+        return self._run([self.processor.encode(c) for c in conversations], params)
 
-    def _stream(self, batch: Batch, params: SamplingParams) -> Iterator[str]:
-        for step in _generate(self.model, self.processor.tokenizer, batch, [params], self.eos_ids):
-            for delta in step:
-                if delta.text:
-                    yield delta.text
+    generate_many = generate
 
-    def _run(self, batch: Batch, params: list[SamplingParams]) -> list[ChatOutput]:
-        texts = [[] for _ in params]
-        ids = [[] for _ in params]
-        reasons = ["length"] * len(params)
-        for step in _generate(self.model, self.processor.tokenizer, batch, params, self.eos_ids):
-            for d in step:
-                texts[d.row].append(d.text)
-                ids[d.row].append(d.token_id)
-                if d.finish_reason:
-                    reasons[d.row] = d.finish_reason
-        prompt_lens = batch.attention_mask.sum(-1).tolist()
-        return [ChatOutput("".join(texts[i]), ids[i], reasons[i], int(prompt_lens[i]), len(ids[i]))
-                for i in range(len(params))]
+    def _stream(self, encoded: Encoded, params: SamplingParams) -> Iterator[str]:
+        engine, request_id = self.engine, f"stream-{uuid.uuid4().hex}"
+        engine.add_request(request_id, encoded, params)
+        try:
+            while True:
+                for rid, delta in engine.step():
+                    if rid != request_id:
+                        continue
+                    if delta.text:
+                        yield delta.text
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            engine.abort(request_id)  # a no-op when finished; frees the slot if the caller stopped early
+
+    def _run(self, encoded: list[Encoded], params: list[SamplingParams]) -> list[ChatOutput]:
+        engine, tag = self.engine, uuid.uuid4().hex
+        request_ids = [f"{tag}-{i}" for i in range(len(encoded))]
+        index = {rid: i for i, rid in enumerate(request_ids)}
+        texts, ids = [[] for _ in encoded], [[] for _ in encoded]
+        reasons: list[str | None] = [None] * len(encoded)
+        try:
+            for rid, enc, p in zip(request_ids, encoded, params):
+                engine.add_request(rid, enc, p)
+            while any(r is None for r in reasons):
+                for rid, d in engine.step():
+                    i = index.get(rid)
+                    if i is None:
+                        continue
+                    texts[i].append(d.text)
+                    ids[i].append(d.token_id)
+                    if d.finish_reason:
+                        reasons[i] = d.finish_reason
+        finally:
+            for rid in request_ids:
+                engine.abort(rid)
+        return [ChatOutput("".join(texts[i]), ids[i], reasons[i], len(encoded[i].input_ids), len(ids[i]))
+                for i in range(len(encoded))]
 
     # -- persistence and introspection --------------------------------------------------------
     def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:

@@ -6,11 +6,22 @@ top-p), so seeded sampling draws from the same distribution; temperature 0 is gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ..errors import GenerationError
+
+
+class TokenConstraint(Protocol):
+    """Per-request constrained decoding (e.g. a JSON grammar): masks the logits, follows the tokens."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) float32 logits with disallowed tokens set to -inf."""
+
+    def advance(self, token_id: int) -> None:
+        """Record the token that was picked."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,10 @@ class SamplingParams:
     seed: int | None = None  # fixes the draws of this request, whatever else is in the batch
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks with forced lengths)
+    logprobs: bool = False  # report the picked token's log-probability (of the model's distribution)
+    top_logprobs: int = 0  # and the n most likely alternatives, 0..20
+    # Stateful and per request: give every request its own instance.
+    constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,6 +62,7 @@ class SamplingParams:
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "top_logprobs must be in 0..20"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,15 +97,38 @@ def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample_row(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
+@dataclass(frozen=True)
+class Pick:
+    """A sampled token, with log-probabilities when they were asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def sample_row(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> Pick:
     """Pick the next token from one row of logits (V,).
 
     seen: 1-D long tensor of the prompt and generated ids (for the repetition penalty).
+    Log-probabilities are those of the model's own distribution, before penalties and warping.
     """
-    logits = logits.float().cpu()  # per-request generators and histories live on the CPU
+    raw = logits.float().cpu()  # per-request generators and histories live on the CPU
+    logits = raw
     if p.repetition_penalty != 1.0:
         logits = penalize(logits, seen, p.repetition_penalty)
+    if p.constraint is not None:
+        logits = p.constraint.mask(logits)
     if p.greedy:
-        return int(torch.argmax(logits))
-    probs = warp(logits, p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        token = int(torch.argmax(logits))
+    else:
+        token = int(torch.multinomial(warp(logits, p).softmax(-1), 1, generator=generator))
+    if p.constraint is not None:
+        p.constraint.advance(token)
+    if not (p.logprobs or p.top_logprobs):
+        return Pick(token)
+    logp = raw.log_softmax(-1)
+    top = ()
+    if p.top_logprobs:
+        values, ids = logp.topk(p.top_logprobs)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return Pick(token, float(logp[token]), top)

@@ -22,7 +22,7 @@ from .. import anyres
 from ..config import LlavaConfig
 from ..errors import TokenFeatureMismatch
 from .projector import Projector
-from .text import KVCache, TextModel
+from .text import KVCache, PagedStep, TextModel
 from .vision import VisionTower
 
 
@@ -72,24 +72,35 @@ class LlavaModel(nn.Module):
         pixels: tower inputs of all images as the processor lays them out. image_sizes: (h, w)
         per image. image_tiled: per image, whether it was cut into any-resolution tiles.
         """
-        tiles = self.encode_tiles(pixels)  # (N, F, D)
-        cfg = self.cfg
-        if not cfg.image_grid_pinpoints:
-            return tiles.flatten(0, 1)
+        return torch.cat(self.pack_images(self.encode_tiles(pixels), image_sizes, image_tiled))
+
+    def tiles_per_image(self, size: tuple[int, int], tiled: bool) -> int:
+        """Tower inputs the processor made for one image."""
+        if tiled and self.cfg.image_grid_pinpoints:
+            return anyres.num_tiles(size, self.cfg.image_grid_pinpoints, self.cfg.vision.image_size)
+        return 1
+
+    def pack_images(self, tiles: torch.Tensor, image_sizes: tuple[tuple[int, int], ...],
+                    image_tiled: tuple[bool, ...]) -> list[torch.Tensor]:
+        """Per-image features (R_i, D) from the projected tile features (N, F, D) of those images."""
         out, start = [], 0
         for size, tiled in zip(image_sizes, image_tiled):
-            if tiled:
-                n = anyres.num_tiles(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
+            n = self.tiles_per_image(size, tiled)
+            if start + n > tiles.shape[0]:
+                break
+            if not self.cfg.image_grid_pinpoints:
+                out.append(tiles[start])  # (F, D)
+            elif tiled:
                 out.append(self._pack_tiled(tiles[start : start + n], size))
             else:
-                n = 1
                 out.append(torch.cat([tiles[start], self._newline(tiles.dtype)[None]]))  # (F + 1, D)
             start += n
-        if start != tiles.shape[0]:
+        if start != tiles.shape[0] or len(out) != len(image_sizes):
+            needed = sum(self.tiles_per_image(s, t) for s, t in zip(image_sizes, image_tiled))
             raise TokenFeatureMismatch(
-                f"{tiles.shape[0]} tiles were given for images that need {start}; prepare inputs with vlm.prepare."
+                f"{tiles.shape[0]} tiles were given for images that need {needed}; prepare inputs with vlm.prepare."
             )
-        return torch.cat(out)
+        return out
 
     def _pack_tiled(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """One tiled image: (1 + rows*cols, F, D) tile features → (F + h*(w+1), D)."""
@@ -175,7 +186,7 @@ class LlavaModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | PagedStep | None,
         last_only: bool,
     ) -> torch.Tensor:
         """Run the decoder and the head; logits (B, T or 1, V) in the model dtype."""

@@ -46,6 +46,13 @@ class KVCache:
         """Tokens each row can hold before `reserve` has to grow the buffers."""
         return self.keys[0].shape[2]
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values (B, Hkv, T, hd) at `length`; return all keys/values so far (B, Hkv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
     def reserve(self, total: int) -> None:
         """Grow every buffer to hold at least `total` tokens (doubling, so growth stays rare)."""
         if total <= self.capacity:
@@ -56,6 +63,39 @@ class KVCache:
                 grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
                 grown[:, :, : self.length] = old[:, :, : self.length]
                 buffers[i] = grown
+
+
+@dataclass
+class PagedStep:
+    """One engine step over a block-based key/value pool shared by many sequences.
+
+    The pool holds, per layer, (slots, Hkv, hd) with slot = block * block_size + offset. Each row
+    reads its keys by slot, in position order, so a key's index in `read_slots` is its position.
+    """
+
+    keys: list[torch.Tensor]  # per layer (slots, Hkv, hd)
+    values: list[torch.Tensor]
+    write_slots: torch.Tensor  # (B*T,) long: where the new tokens' keys/values go, row-major
+    read_slots: torch.Tensor  # (B, S) long: every slot a row attends to (padding: any slot, masked)
+    read_valid: torch.Tensor  # (B, S) bool: False at padding
+    query_pos: torch.Tensor  # (B, T) long: positions of the new tokens
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values (B, Hkv, T, hd) into the pool; return each row's keys/values (B, Hkv, S, hd)."""
+        b, h, t, d = k.shape
+        pool_k, pool_v = self.keys[layer], self.values[layer]
+        pool_k[self.write_slots] = k.transpose(1, 2).reshape(b * t, h, d)
+        pool_v[self.write_slots] = v.transpose(1, 2).reshape(b * t, h, d)
+        return pool_k[self.read_slots].transpose(1, 2), pool_v[self.read_slots].transpose(1, 2)  # (B, Hkv, S, hd)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, T, S) bool: causal by position, padding excluded, sliding window when given."""
+        key_pos = torch.arange(self.read_slots.shape[1], device=self.read_slots.device)[None, None, :]  # (1, 1, S)
+        q = self.query_pos[:, :, None]  # (B, T, 1)
+        allowed = (key_pos <= q) & self.read_valid[:, None, :]
+        if window is not None:
+            allowed = allowed & (key_pos > q - window)
+        return allowed[:, None]
 
 
 def attention_mask(valid: torch.Tensor | None, start: int, t: int, window: int | None, device) -> torch.Tensor | None:
@@ -92,7 +132,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | PagedStep | None) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -100,10 +140,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            end = cache.length + t
-            cache.keys[layer_idx][:, :, cache.length : end] = k
-            cache.values[layer_idx][:, :, cache.length : end] = v
-            k, v = cache.keys[layer_idx][:, :, :end], cache.values[layer_idx][:, :, :end]  # (B, Hkv, S, hd)
+            k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, hd)
         causal = mask is None and t > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
@@ -134,7 +171,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | PagedStep | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -155,24 +192,29 @@ class TextModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | PagedStep | None,
     ) -> torch.Tensor:
         """Run the decoder on new tokens.
 
         embeds: (B, T, D) input embeddings. positions: (B, T) rope positions.
-        valid: (B, S) bool over cache slots [0, start + T) (None: no padding anywhere).
-        cache: written at [length, length + T) and advanced; None runs without one.
+        valid: (B, S) bool over cache slots [0, start + T) (None: no padding anywhere; unused with PagedStep,
+        which carries its own).
+        cache: a KVCache, written at [length, length + T) and advanced; a PagedStep of the engine; or None.
         Returns final-normed hidden states (B, T, D).
         """
         t = embeds.shape[1]
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + t > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + t} were asked for")
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
-        masks = {w: attention_mask(valid, start, t, w, embeds.device) for w in set(self.cfg.sliding_windows)}
+        windows = set(self.cfg.sliding_windows)
+        if isinstance(cache, PagedStep):
+            masks = {w: cache.mask(w) for w in windows}
+        else:
+            start = cache.length if cache is not None else 0
+            if cache is not None and start + t > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + t} were asked for")
+            masks = {w: attention_mask(valid, start, t, w, embeds.device) for w in windows}
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.cfg.sliding_windows[i]], i, cache)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += t
         return self.norm(x)

@@ -1,0 +1,143 @@
+"""An asyncio front for the engine: many concurrent callers, one worker thread that runs the model.
+
+Callers (the server) `submit` an encoded request and iterate its deltas as they are produced;
+`abort` cancels it and frees its slot at once. The worker loop runs the batching engine; the
+event loop never runs model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from ..errors import LlavakitError
+from ..processing.processor import Encoded
+from .request import Delta
+from .sampling import SamplingParams
+
+
+class EngineOverloaded(LlavakitError):
+    """The request queue is full; retry later (the server answers 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine. Defaults protect a small machine."""
+
+    max_batch_size: int = 16  # requests decoded together
+    max_queue: int = 256  # requests waiting beyond the running batch; more are refused
+    kv_cache_bytes: int | None = None  # memory for keys and values; None = sized from max_batch_size
+    image_cache_bytes: int = 256 << 20  # projected image features kept for reuse (LRU)
+
+
+# One step of one request: text, token_id, finish_reason, logprob, top_logprobs.
+StreamDelta = Delta
+
+
+_DONE = object()
+
+
+class AsyncEngine:
+    """Thread-backed async access to an `Engine` built on a loaded VLM."""
+
+    def __init__(self, vlm, config: EngineConfig = EngineConfig()):
+        from .core import Engine
+
+        self.vlm = vlm
+        self.config = config
+        self.engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, config)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llavakit-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop -----------------------------------------------------------
+    def encode(self, messages: Any) -> Encoded:
+        """Render, load media and tokenize one conversation (CPU work: call it off the event loop)."""
+        return self.vlm.processor.encode(messages)
+
+    async def submit(self, request_id: str, encoded: Encoded, params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Queue a request and yield its deltas until it finishes; raises EngineOverloaded when full."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if self._stopping:
+                raise EngineOverloaded("the server is shutting down")
+            if self.engine.num_waiting() >= self.config.max_queue:
+                raise EngineOverloaded(f"{self.config.max_queue} requests are already waiting")
+            self._queues[request_id] = (loop, queue)
+            self.engine.add_request(request_id, encoded, params)
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.abort(request_id)  # no-op when finished; frees the slot when the caller went away
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slot and cache are freed before the next step."""
+        with self._lock:
+            self._queues.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        """Counters and gauges for /metrics."""
+        with self._lock:
+            return self.engine.stats()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish for up to `timeout` seconds, then cancel the rest."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.engine.has_unfinished():
+                    break
+            await asyncio.sleep(0.05)
+        with self._lock:
+            for request_id in list(self._queues):
+                loop, queue = self._queues.pop(request_id)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                self.engine.abort(request_id)
+            self._closed = True
+        self._wake.set()
+
+    # -- the worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if getattr(self, "_closed", False):
+                        return
+                    if not self.engine.has_unfinished():
+                        break
+                try:
+                    outputs = self.engine.step(self._lock)
+                except BaseException as e:  # a bug must fail its requests, not hang them
+                    with self._lock:
+                        for request_id in list(self._queues):
+                            loop, queue = self._queues.pop(request_id)
+                            loop.call_soon_threadsafe(queue.put_nowait, LlavakitError(f"engine failure: {e}"))
+                            self.engine.abort(request_id)
+                    continue
+                with self._lock:
+                    for request_id, delta in outputs:
+                        target = self._queues.get(request_id)
+                        if target is not None:
+                            loop, queue = target
+                            loop.call_soon_threadsafe(queue.put_nowait, delta)

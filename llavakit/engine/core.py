@@ -1,0 +1,436 @@
+"""The engine: continuous batching over a block-based KV cache, with image-feature and prefix caches.
+
+Every `step()`:
+  1. admit waiting requests while the batch has room and the KV pool has blocks for their whole
+     answer (prompt + max_new_tokens), reusing cached prefix blocks;
+  2. decode one token for every running request, all in one batched forward;
+  3. prefill the admitted requests: their images go through the tower together (features found
+     in the image cache are reused), then each prompt's uncached suffix runs, and its first token
+     is sampled.
+Requests join and leave at every step; an aborted one frees its blocks before the next step.
+
+Memory: keys and values live in one pool per layer of `num_blocks * BLOCK` slots sized from a
+byte budget. A request that could never fit is refused with a clear error; one that does not fit
+now waits. Full prompt blocks are registered under a hash of everything before and in them
+(token ids, and for image and video positions the content hash of the media), so a later prompt
+that starts the same way (the same image, a longer conversation) skips those tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections import OrderedDict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import anyres
+from ..errors import GenerationError
+from ..model.llava import LlavaModel
+from ..model.text import PagedStep
+from ..processing.processor import Encoded
+from ..processing.prompt import TextTokenizer
+from .request import Delta, RequestState
+from .sampling import SamplingParams
+
+BLOCK = 16  # tokens per KV block
+
+
+class BlockPool:
+    """Free list, reference counts and the prefix cache's hash -> block map (LRU among unused blocks)."""
+
+    def __init__(self, num_blocks: int):
+        self.free: deque[int] = deque(range(num_blocks))
+        self.refs = [0] * num_blocks
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no request uses, oldest first
+        self.num_blocks = num_blocks
+
+    def available(self) -> int:
+        """Blocks that can be handed out now (free, or cached but unused)."""
+        return len(self.free) + len(self.evictable)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n blocks, evicting unused cached blocks oldest first; None when there are not enough."""
+        if n > self.available():
+            return None
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:
+                b, _ = self.evictable.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(b)]
+            self.refs[b] = 1
+            out.append(b)
+        return out
+
+    def lookup(self, h: int) -> int | None:
+        """The cached block holding hash `h`, now referenced by the caller; None on a miss."""
+        b = self.by_hash.get(h)
+        if b is None:
+            return None
+        self.evictable.pop(b, None)
+        self.refs[b] += 1
+        return b
+
+    def register(self, b: int, h: int) -> None:
+        """Publish a full block under its prefix hash (the first block with a hash keeps it)."""
+        if h not in self.by_hash and b not in self.hash_of:
+            self.by_hash[h] = b
+            self.hash_of[b] = h
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; unreferenced cached blocks stay findable until evicted."""
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self.evictable[b] = None
+                else:
+                    self.free.append(b)
+
+
+class FeatureCache:
+    """Projected image/video features by content hash, LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self.items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.max_bytes or key in self.items:
+            return
+        self.items[key] = t
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+@dataclass
+class _Media:
+    """One image or video of a request: its tower inputs, how many placeholders it fills, its hash."""
+
+    kind: str  # "image" | "video"
+    pixels: torch.Tensor  # (tiles or frames, 3, S, S)
+    size: tuple[int, int]
+    tiled: bool
+    tokens: int
+    key: str
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    prompt: list[int]
+    media: list[_Media]
+    state: RequestState
+    token_keys: list  # per prompt position: the token id, or (media hash, index) at placeholders
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # tokens whose keys/values are in the pool
+    registered: int = 0  # full blocks published to the prefix cache
+    last_hash: int = 0
+    aborted: bool = False
+
+
+def _media_of(model: LlavaModel, enc: Encoded) -> list[_Media]:
+    cfg = model.cfg
+    out, start = [], 0
+    pixels = None if enc.pixel_values is None else torch.from_numpy(enc.pixel_values)
+    for size, tiled in zip(enc.image_sizes, enc.image_tiled):
+        n = model.tiles_per_image(size, tiled)
+        px = pixels[start : start + n]
+        start += n
+        tokens = anyres.image_token_count(size, cfg.image_grid_pinpoints, cfg.vision.image_size,
+                                          cfg.vision.patches_per_side, cfg.image_features_per_tile, cfg.max_tiles, tiled)
+        out.append(_Media("image", px, size, tiled, tokens, _content_key("image", px, size, tiled)))
+    start = 0
+    frames = None if enc.video_pixels is None else torch.from_numpy(enc.video_pixels)
+    for n in enc.video_frames:
+        px = frames[start : start + n]
+        start += n
+        tokens = anyres.video_token_count(n, cfg.vision.patches_per_side)
+        out.append(_Media("video", px, (0, 0), False, tokens, _content_key("video", px, (0, 0), False)))
+    return out
+
+
+def _content_key(kind: str, pixels: torch.Tensor, size, tiled: bool) -> str:
+    """Hash of exactly what the tower will see: the preprocessed pixels and how they are laid out."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{kind}|{size}|{tiled}|{tuple(pixels.shape)}".encode())
+    h.update(pixels.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _token_keys(prompt: list[int], media: list[_Media], image_id: int, video_id: int | None) -> list:
+    """Prefix-cache identity of each prompt position: placeholders stand for their media content."""
+    queues = {"image": [m for m in media if m.kind == "image"], "video": [m for m in media if m.kind == "video"]}
+    keys, current, used = [], None, 0
+    for token in prompt:
+        kind = "image" if token == image_id else "video" if video_id is not None and token == video_id else None
+        if kind is None:
+            keys.append(token)
+            continue
+        if current is None or used == current.tokens or current.kind != kind:
+            current, used = queues[kind].pop(0), 0
+        keys.append((current.key, used))
+        used += 1
+    return keys
+
+
+class Engine:
+    """Continuous batching over one loaded model. Not thread-safe by itself: AsyncEngine adds a lock."""
+
+    def __init__(self, model: LlavaModel, tokenizer: TextTokenizer, eos_ids: set[int], config):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.config = config
+        text = model.cfg.text
+        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * torch.finfo(dtype).bits // 8
+        budget = config.kv_cache_bytes
+        if budget is None:  # room for a full batch of 4k-token requests, at most 1 GiB
+            budget = min(config.max_batch_size * min(text.max_position_embeddings, 4096) * per_token, 1 << 30)
+        num_blocks = max(1, budget // (per_token * BLOCK))
+        shape = (num_blocks * BLOCK, text.num_kv_heads, text.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_layers)]
+        self.pool = BlockPool(num_blocks)
+        self.features = FeatureCache(config.image_cache_bytes)
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.by_id: dict[str, _Seq] = {}
+        self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_hit_tokens=0,
+                             requests_finished=0, requests_aborted=0)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, encoded: Encoded, params: SamplingParams) -> None:
+        """Queue a request. Raises GenerationError when it can never fit the context or the KV pool."""
+        if request_id in self.by_id:
+            raise GenerationError(f"request id {request_id!r} is already in use.")
+        prompt = list(encoded.input_ids)
+        context = self.model.cfg.text.max_position_embeddings
+        if len(prompt) >= context:
+            raise GenerationError(
+                f"the prompt holds {len(prompt)} tokens but the model's context is {context}; shorten the "
+                "conversation or use fewer or smaller images."
+            )
+        if params.max_new_tokens > context - len(prompt):  # answers end at the context limit, as "length"
+            params = dataclasses.replace(params, max_new_tokens=context - len(prompt))
+        need = -(-(len(prompt) + params.max_new_tokens) // BLOCK)
+        if need > self.pool.num_blocks:
+            raise GenerationError(
+                f"the request needs {need * BLOCK} tokens of KV cache but the engine holds "
+                f"{self.pool.num_blocks * BLOCK}; lower max_new_tokens or give the engine a larger kv_cache_bytes."
+            )
+        media = _media_of(self.model, encoded)
+        cfg = self.model.cfg
+        seq = _Seq(request_id, prompt, media, RequestState.start(params, self.tokenizer, prompt),
+                   _token_keys(prompt, media, cfg.image_token_id, cfg.video_token_id))
+        self.by_id[request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks return to the pool at the start of the next step."""
+        seq = self.by_id.pop(request_id, None)
+        if seq is None:
+            return
+        seq.aborted = True
+        self.counters["requests_aborted"] += 1
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            pass
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        """Gauges and counters for monitoring."""
+        return dict(self.counters, requests_running=len(self.running), requests_waiting=len(self.waiting),
+                    image_cache_hits=self.features.hits, image_cache_misses=self.features.misses,
+                    image_cache_bytes=self.features.bytes, kv_blocks_total=self.pool.num_blocks,
+                    kv_blocks_free=self.pool.available())
+
+    # -- one iteration ------------------------------------------------------------------------------
+    def step(self, lock: threading.Lock | None = None) -> list[tuple[str, Delta]]:
+        """Advance every running request by one token and start waiting ones; return their deltas.
+
+        With a lock, scheduling and bookkeeping happen under it and the model runs outside it, so
+        callers can add and abort requests meanwhile.
+        """
+        guard = lock if lock is not None else nullcontext()
+        with guard:
+            self._reap()
+            admitted = self._admit()
+            decoding = [s for s in self.running if s.state.ids]
+        outputs: list[tuple[_Seq, Delta]] = []
+        with torch.inference_mode():
+            if decoding:
+                outputs += self._decode(decoding)
+            if admitted:
+                outputs += self._prefill(admitted)
+        with guard:
+            result = []
+            for seq, delta in outputs:
+                if seq.aborted:
+                    continue
+                self.counters["generation_tokens_total"] += 1
+                result.append((seq.request_id, delta))
+                if delta.finish_reason is not None:
+                    self._finish(seq)
+            self._reap()
+            return result
+
+    def _reap(self) -> None:
+        for seq in [s for s in self.running if s.aborted]:
+            self.running.remove(seq)
+            self.pool.release(seq.blocks)
+            seq.blocks = []
+
+    def _finish(self, seq: _Seq) -> None:
+        self.running.remove(seq)
+        self.by_id.pop(seq.request_id, None)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+        self.counters["requests_finished"] += 1
+
+    def _admit(self) -> list[_Seq]:
+        admitted, prefill_tokens = [], 0
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting[0]
+            if admitted and prefill_tokens + len(seq.prompt) > 8192:
+                break  # keep one step's prefill bounded so decoding requests are not starved
+            hits, h = [], 0
+            for i in range((len(seq.prompt) - 1) // BLOCK):  # the last prompt token always runs: it gives the logits
+                h = hash((h, tuple(seq.token_keys[i * BLOCK : (i + 1) * BLOCK])))
+                b = self.pool.lookup(h)
+                if b is None:
+                    break
+                hits.append(b)
+                seq.last_hash = h
+            total = -(-(len(seq.prompt) + seq.state.params.max_new_tokens) // BLOCK)
+            fresh = self.pool.allocate(total - len(hits))
+            if fresh is None:
+                self.pool.release(hits)
+                break  # not enough memory now: wait for running requests to finish
+            self.waiting.popleft()
+            seq.blocks = hits + fresh
+            seq.length = len(hits) * BLOCK
+            seq.registered = len(hits)
+            if not hits:
+                seq.last_hash = 0
+            self.counters["prefix_cache_hit_tokens"] += len(hits) * BLOCK
+            self.counters["prompt_tokens_total"] += len(seq.prompt)
+            self.running.append(seq)
+            admitted.append(seq)
+            prefill_tokens += len(seq.prompt)
+        return admitted
+
+    def _slots(self, seq: _Seq, start: int, end: int) -> list[int]:
+        return [seq.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
+
+    def _register(self, seq: _Seq, keys: list) -> None:
+        """Publish the request's newly filled blocks to the prefix cache."""
+        while (seq.registered + 1) * BLOCK <= min(seq.length, len(keys)):
+            i = seq.registered
+            seq.last_hash = hash((seq.last_hash, tuple(keys[i * BLOCK : (i + 1) * BLOCK])))
+            self.pool.register(seq.blocks[i], seq.last_hash)
+            seq.registered += 1
+
+    def _media_features(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
+        """Features of every image and video of these requests: cached, else one batched tower pass."""
+        found, images, videos = {}, [], []
+        for seq in seqs:
+            for m in seq.media:
+                if m.key in found:
+                    continue
+                hit = self.features.get(m.key)
+                if hit is not None:
+                    found[m.key] = hit
+                elif m.kind == "image":
+                    images.append(m)
+                else:
+                    videos.append(m)
+        model = self.model
+        if images:
+            tiles = model.encode_tiles(torch.cat([m.pixels for m in images]))
+            packed = model.pack_images(tiles, tuple(m.size for m in images), tuple(m.tiled for m in images))
+            for m, f in zip(images, packed):
+                found[m.key] = f
+                self.features.put(m.key, f)
+        for m in videos:
+            f = model.video_features(m.pixels, (m.pixels.shape[0],))
+            found[m.key] = f
+            self.features.put(m.key, f)
+        return found
+
+    def _prefill(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:
+        features = self._media_features(seqs)
+        model, device, out = self.model, self.model.device, []
+        for seq in seqs:
+            if seq.aborted:
+                continue
+            ids = torch.tensor([seq.prompt], dtype=torch.long)
+            images = [features[m.key] for m in seq.media if m.kind == "image"]
+            videos = [features[m.key] for m in seq.media if m.kind == "video"]
+            embeds = model.embed(ids.to(device), torch.cat(images) if images else None,
+                                 torch.cat(videos) if videos else None)
+            start, end = seq.length, len(seq.prompt)
+            step = PagedStep(
+                keys=self.keys, values=self.values,
+                write_slots=torch.tensor(self._slots(seq, start, end), device=device),
+                read_slots=torch.tensor([self._slots(seq, 0, end)], device=device),
+                read_valid=torch.ones(1, end, dtype=torch.bool, device=device),
+                query_pos=torch.arange(start, end, device=device)[None],
+            )
+            logits = model.decode(embeds[:, start:], step.query_pos, None, step, last_only=True)[0, -1]
+            seq.length = end
+            self._register(seq, seq.token_keys)
+            out.append((seq, seq.state.sample(logits, self.eos_ids)))
+        return out
+
+    def _decode(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:
+        device = self.model.device
+        longest = max(s.length for s in seqs) + 1
+        read, valid, write = [], [], []
+        for seq in seqs:
+            slots = self._slots(seq, 0, seq.length + 1)
+            write.append(slots[-1])
+            read.append(slots + [0] * (longest - len(slots)))
+            valid.append([True] * len(slots) + [False] * (longest - len(slots)))
+        positions = torch.tensor([[s.length] for s in seqs], device=device)  # (B, 1)
+        step = PagedStep(keys=self.keys, values=self.values, write_slots=torch.tensor(write, device=device),
+                         read_slots=torch.tensor(read, device=device),
+                         read_valid=torch.tensor(valid, device=device), query_pos=positions)
+        tokens = torch.tensor([[s.state.ids[-1]] for s in seqs], device=device)
+        embeds = self.model.language_model.embed_tokens(tokens)  # (B, 1, D)
+        logits = self.model.decode(embeds, positions, None, step, last_only=True)[:, -1]  # (B, V)
+        out = []
+        for i, seq in enumerate(seqs):
+            seq.length += 1
+            self._register(seq, seq.token_keys + seq.state.ids)
+            out.append((seq, seq.state.sample(logits[i], self.eos_ids)))
+        return out

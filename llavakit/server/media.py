@@ -1,0 +1,191 @@
+"""`image_url` / `video_url` parts → sources the processor accepts, under the server's limits.
+
+    data:image/png;base64,...  ─► strict base64 decode ─────────────┐
+    http(s)://...              ─► RemoteFetcher (--allow-remote-media) ─► bytes ─► header check ─► processor
+    file:///...                ─► below --allowed-local-media-path ─┘    (images: pixels from the
+                                                                          header, before decoding;
+                                                                          videos: stream, frames, length)
+
+A user string is never handed to the processor as such: `load_image` would read a path or fetch
+a URL on its own, so the server turns every URL into bytes (or a checked path) first. All of
+this is blocking work, run in the server's media threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from PIL import Image
+
+from ..errors import ImageError, VideoError
+from .config import ServerConfig
+from .errors import BadRequest, MediaFetchError
+from .fetch import RemoteFetcher
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),", re.ASCII)
+_VIDEO_MIME_PREFIXES = ("video/", "image/gif", "application/octet-stream")
+
+
+def decode_data_url(url: str, kind: str, param: str) -> bytes:
+    """Bytes of a base64 data URL whose media type fits `kind` ("image" or "video")."""
+    m = _DATA_URL.match(url[:256])
+    if not m:
+        raise BadRequest(f"{param}: malformed data URL; expected data:<type>;base64,<payload>.", param=param,
+                         code="invalid_data_url")
+    mime = (m.group("mime") or "").lower()
+    allowed = ("image/",) if kind == "image" else _VIDEO_MIME_PREFIXES
+    if not mime.startswith(allowed):
+        raise BadRequest(f"{param}: a {kind} data URL needs a {kind}/* media type, got {mime or 'none'!r}.",
+                         param=param, code="invalid_data_url")
+    if ";base64" not in m.group("params").lower():
+        raise BadRequest(f"{param}: only base64 data URLs are accepted (data:{mime};base64,...).", param=param,
+                         code="invalid_data_url")
+    payload = url[m.end():]
+    # Line breaks and spaces are tolerated (some encoders wrap); every other non-alphabet byte is an error.
+    payload = re.sub(r"[\s]+", "", payload)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"{param}: the data URL payload is not valid base64 ({e}).", param=param,
+                         code="invalid_base64") from None
+    if not data:
+        raise BadRequest(f"{param}: the data URL is empty.", param=param, code="invalid_data_url")
+    return data
+
+
+def check_image(data: bytes, cfg: ServerConfig, param: str) -> None:
+    """Refuse bytes that are not an image, or whose header announces more pixels than allowed.
+
+    `Image.open` reads only the header, so a decompression bomb (a small file that decodes to a
+    huge bitmap) is refused before a single pixel is decoded.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:  # Pillow's own guard fires on absurd headers first
+        raise BadRequest(f"{param}: the image has more pixels than this server accepts "
+                         f"({cfg.max_image_pixels}).", param=param, code="image_too_large") from None
+    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error...: not an image
+        raise BadRequest(f"{param}: the bytes are not an image Pillow can read ({type(e).__name__}: {e}).",
+                         param=param, code="invalid_image") from None
+    if width * height > cfg.max_image_pixels:
+        raise BadRequest(f"{param}: the image is {width}x{height} = {width * height} pixels, more than this "
+                         f"server's limit of {cfg.max_image_pixels}; send a smaller image.", param=param,
+                         code="image_too_large")
+
+
+def check_video(source: bytes | Path, cfg: ServerConfig, param: str) -> None:
+    """Refuse a video without a stream, with frames larger than an image may be, or longer than allowed."""
+    try:
+        import av
+    except ImportError:
+        raise BadRequest("this server cannot read video: PyAV is not installed (pip install 'llavakit[video]').",
+                         param=param, code="video_unsupported") from None
+    handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        with av.open(handle) as container:
+            if not container.streams.video:
+                raise BadRequest(f"{param}: the file holds no video stream.", param=param, code="invalid_video")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            seconds = None
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / 1_000_000
+    except BadRequest:
+        raise
+    except Exception as e:  # av.error.FFmpegError and friends: not a video FFmpeg reads
+        raise BadRequest(f"{param}: the bytes are not a video FFmpeg can read ({type(e).__name__}: {e}).",
+                         param=param, code="invalid_video") from None
+    if width * height > cfg.max_image_pixels:
+        raise BadRequest(f"{param}: video frames are {width}x{height}, more pixels than this server accepts "
+                         f"({cfg.max_image_pixels}).", param=param, code="video_too_large")
+    if seconds is not None and seconds > cfg.max_video_seconds:
+        raise BadRequest(f"{param}: the video lasts {seconds:.0f} s, longer than this server's limit of "
+                         f"{cfg.max_video_seconds:g} s.", param=param, code="video_too_long")
+
+
+class MediaResolver:
+    """Turns the URLs of one server's requests into checked media sources."""
+
+    def __init__(self, cfg: ServerConfig, fetcher: RemoteFetcher | None = None):
+        self.cfg = cfg
+        self.fetcher = fetcher or RemoteFetcher(cfg.remote_media_timeout_s, cfg.remote_media_max_bytes,
+                                                cfg.remote_media_max_redirects, cfg.remote_media_domains)
+
+    def image(self, url: str, param: str) -> bytes:
+        """Encoded image bytes, checked; raises BadRequest (400) or MediaFetchError (422)."""
+        data = self._bytes(url, "image", param)
+        check_image(data, self.cfg, param)
+        return data
+
+    def video(self, url: str, param: str) -> bytes | Path:
+        """Video bytes or a checked local path, probed; raises BadRequest (400) or MediaFetchError (422)."""
+        if url.startswith("file:"):
+            path = self._local(url, param)
+            check_video(path, self.cfg, param)
+            return path
+        data = self._bytes(url, "video", param)
+        check_video(data, self.cfg, param)
+        return data
+
+    def _bytes(self, url: str, kind: str, param: str) -> bytes:
+        scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
+        if scheme == "data":
+            return decode_data_url(url, kind, param)
+        if scheme in ("http", "https"):
+            if not self.cfg.allow_remote_media:
+                raise BadRequest(f"{param}: remote {kind} URLs are disabled on this server (start it with "
+                                 "--allow-remote-media), send the file as a data: URL instead.", param=param,
+                                 code="remote_media_disabled")
+            try:
+                return self.fetcher.fetch(url, kind)
+            except (BadRequest, MediaFetchError) as e:
+                e.param = param
+                raise
+        if scheme == "file":
+            path = self._local(url, param)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.cfg.remote_media_max_bytes + 1)
+            except OSError as e:
+                raise MediaFetchError(f"{param}: cannot read the local file: {e.strerror}.", param=param) from None
+            if len(data) > self.cfg.remote_media_max_bytes:
+                raise BadRequest(f"{param}: the file is larger than {self.cfg.remote_media_max_bytes} bytes.",
+                                 param=param, code="media_too_large")
+            return data
+        raise BadRequest(f"{param}: unsupported URL {url[:40]!r}; send a data:{kind}/...;base64,... URL"
+                         + (", an http(s) URL" if self.cfg.allow_remote_media else "")
+                         + (", or a file:// URL" if self.cfg.allowed_local_media_path else "") + ".",
+                         param=param, code="invalid_media_url")
+
+    def _local(self, url: str, param: str) -> Path:
+        """A file:// URL as a real path inside the allowed folder (symlinks and `..` resolved first)."""
+        root = self.cfg.allowed_local_media_path
+        if root is None:
+            raise BadRequest(f"{param}: local files are disabled on this server (start it with "
+                             "--allowed-local-media-path DIR).", param=param, code="local_media_disabled")
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise BadRequest(f"{param}: file URLs must not name a host.", param=param, code="invalid_media_url")
+        path = Path(os.path.realpath(unquote(parts.path)))
+        if not path.is_relative_to(root):
+            raise BadRequest(f"{param}: {unquote(parts.path)!r} is outside the folder this server may read.",
+                             param=param, code="media_url_not_allowed")
+        if not path.is_file():
+            raise MediaFetchError(f"{param}: no file at {unquote(parts.path)!r}.", param=param)
+        return path
+
+
+def as_input_error(exc: Exception, param: str) -> BadRequest:
+    """An ImageError or VideoError raised while decoding a checked medium, as a 400 naming its part."""
+    kind = "image" if isinstance(exc, ImageError) else "video"
+    assert isinstance(exc, (ImageError, VideoError))
+    return BadRequest(f"{param}: {exc}", param=param, code=f"invalid_{kind}")
