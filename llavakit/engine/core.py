@@ -145,6 +145,7 @@ class _Seq:
     state: RequestState
     token_keys: list  # per prompt position: the token id, or (media hash, index) at placeholders
     blocks: list[int] = field(default_factory=list)
+    slot_map: torch.Tensor | None = None  # (tokens it may hold,) pool slot of each position
     length: int = 0  # tokens whose keys/values are in the pool
     registered: int = 0  # full blocks published to the prefix cache
     last_hash: int = 0
@@ -338,6 +339,8 @@ class Engine:
                 break  # not enough memory now: wait for running requests to finish
             self.waiting.popleft()
             seq.blocks = hits + fresh
+            blocks = torch.tensor(seq.blocks)
+            seq.slot_map = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()  # (blocks*BLOCK,)
             seq.length = len(hits) * BLOCK
             seq.registered = len(hits)
             if not hits:
@@ -349,8 +352,6 @@ class Engine:
             prefill_tokens += len(seq.prompt)
         return admitted
 
-    def _slots(self, seq: _Seq, start: int, end: int) -> list[int]:
-        return [seq.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
 
     def _register(self, seq: _Seq, keys: list) -> None:
         """Publish the request's newly filled blocks to the prefix cache."""
@@ -401,8 +402,8 @@ class Engine:
             start, end = seq.length, len(seq.prompt)
             step = PagedStep(
                 keys=self.keys, values=self.values,
-                write_slots=torch.tensor(self._slots(seq, start, end), device=device),
-                read_slots=torch.tensor([self._slots(seq, 0, end)], device=device),
+                write_slots=seq.slot_map[start:end].to(device),
+                read_slots=seq.slot_map[None, :end].to(device),
                 read_valid=torch.ones(1, end, dtype=torch.bool, device=device),
                 query_pos=torch.arange(start, end, device=device)[None],
             )
@@ -414,17 +415,16 @@ class Engine:
 
     def _decode(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:
         device = self.model.device
-        longest = max(s.length for s in seqs) + 1
-        read, valid, write = [], [], []
-        for seq in seqs:
-            slots = self._slots(seq, 0, seq.length + 1)
-            write.append(slots[-1])
-            read.append(slots + [0] * (longest - len(slots)))
-            valid.append([True] * len(slots) + [False] * (longest - len(slots)))
-        positions = torch.tensor([[s.length] for s in seqs], device=device)  # (B, 1)
-        step = PagedStep(keys=self.keys, values=self.values, write_slots=torch.tensor(write, device=device),
-                         read_slots=torch.tensor(read, device=device),
-                         read_valid=torch.tensor(valid, device=device), query_pos=positions)
+        lengths = torch.tensor([s.length + 1 for s in seqs])  # keys each row reads, the new one included
+        longest = int(lengths.max())
+        read = torch.zeros(len(seqs), longest, dtype=torch.long)  # padding reads slot 0, masked out
+        for i, seq in enumerate(seqs):
+            read[i, : seq.length + 1] = seq.slot_map[: seq.length + 1]
+        write = read[torch.arange(len(seqs)), lengths - 1]
+        valid = torch.arange(longest)[None, :] < lengths[:, None]  # (B, S)
+        positions = (lengths - 1)[:, None].to(device)  # (B, 1)
+        step = PagedStep(keys=self.keys, values=self.values, write_slots=write.to(device),
+                         read_slots=read.to(device), read_valid=valid.to(device), query_pos=positions)
         tokens = torch.tensor([[s.state.ids[-1]] for s in seqs], device=device)
         embeds = self.model.language_model.embed_tokens(tokens)  # (B, 1, D)
         logits = self.model.decode(embeds, positions, None, step, last_only=True)[:, -1]  # (B, V)
