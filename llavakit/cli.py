@@ -4,6 +4,7 @@
     llavakit info [--model DIR] [--image PATH]                    architecture, sizes, token ids, template
     llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
+    llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -124,9 +125,35 @@ def cmd_make_random(args) -> int:
     """Write a checkpoint with random weights (for demos, tests and benchmarks)."""
     from .random_init import make_random_checkpoint
 
-    out = make_random_checkpoint(Path(args.out), preset=args.preset, layers=args.layers, seed=args.seed)
+    from .api import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, {})
+    out = make_random_checkpoint(Path(args.out), preset=args.preset, layers=args.layers, seed=args.seed, dtype=dtype)
     print(out)
     return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C."""
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:  # fastapi, uvicorn, prometheus-client, llguidance
+        raise LlavakitError(f"the server needs its extra dependencies: pip install 'llavakit[serve]' ({e}).") from e
+    local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
+    config = ServerConfig(
+        served_model_name=args.served_model_name or Path(str(args.model or "llavakit")).name,
+        max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
+        max_videos_per_request=args.max_videos_per_request, max_image_pixels=args.max_image_pixels,
+        max_video_frames=args.max_video_frames, max_video_seconds=args.max_video_seconds, max_n=args.max_n,
+        default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
+        media_workers=args.media_workers, shutdown_timeout_s=args.shutdown_timeout,
+        allow_remote_media=args.allow_remote_media, remote_media_domains=tuple(args.remote_media_domain),
+        remote_media_timeout_s=args.remote_media_timeout, remote_media_max_bytes=args.remote_media_max_bytes,
+        allowed_local_media_path=local)
+    vlm = _load(args)
+    return serve(vlm, config, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                 kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
+                 log_level=args.log_level)
 
 
 def cmd_convert(args) -> int:
@@ -182,10 +209,49 @@ def _parser() -> argparse.ArgumentParser:
 
     rand = sub.add_parser("make-random", help="write a checkpoint with random weights")
     rand.add_argument("--out", required=True)
-    rand.add_argument("--preset", default="tiny")
+    from .random_init import PRESETS
+
+    rand.add_argument("--preset", default="tiny", choices=list(PRESETS))
     rand.add_argument("--layers", type=int, help="decoder depth (default: the preset's)")
+    rand.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     rand.add_argument("--seed", type=int, default=0)
     rand.set_defaults(func=cmd_make_random)
+
+    from .server.config import ServerConfig  # torch-free: only the defaults
+
+    d = ServerConfig()
+    srv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="model id in /v1/models (default: the folder's name)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    srv.add_argument("--kv-cache-bytes", type=int, help="KV cache budget (default: sized from the batch)")
+    srv.add_argument("--image-cache-bytes", type=int, default=256 << 20, help="image-feature cache budget")
+    srv.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                     help="choices admitted at once, running or queued; more get 429")
+    srv.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    srv.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
+    srv.add_argument("--max-videos-per-request", type=int, default=d.max_videos_per_request)
+    srv.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                     help="width x height, read from the header before decoding")
+    srv.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
+    srv.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
+    srv.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
+    srv.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                     help="answer length when a request sets none (the context still caps it)")
+    srv.add_argument("--media-workers", type=int, default=d.media_workers,
+                     help="threads decoding media and tokenizing")
+    srv.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+                     help="seconds in-flight requests get after SIGTERM")
+    srv.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
+    srv.add_argument("--remote-media-domain", action="append", default=[],
+                     help="only fetch from this domain and its subdomains (repeatable)")
+    srv.add_argument("--remote-media-timeout", type=float, default=d.remote_media_timeout_s)
+    srv.add_argument("--remote-media-max-bytes", type=int, default=d.remote_media_max_bytes)
+    srv.add_argument("--allowed-local-media-path", help="serve file:// media URLs from below this folder")
+    srv.set_defaults(func=cmd_serve)
     return p
 
 
