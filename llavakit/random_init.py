@@ -30,7 +30,7 @@ _CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate
                   num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 _SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
                       num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
-                      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+                      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
 _LLAMA_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
 _QWEN_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 

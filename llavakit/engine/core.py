@@ -50,6 +50,12 @@ class BlockPool:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no request uses, oldest first
         self.num_blocks = num_blocks
 
+    def grow(self, n: int) -> None:
+        """Add n fresh blocks (their ids follow the existing ones, so tables stay valid)."""
+        self.free.extend(range(self.num_blocks, self.num_blocks + n))
+        self.refs.extend([0] * n)
+        self.num_blocks += n
+
     def available(self) -> int:
         """Blocks that can be handed out now (free, or cached but unused)."""
         return len(self.free) + len(self.evictable)
@@ -209,13 +215,16 @@ class Engine:
         dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
         per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * torch.finfo(dtype).bits // 8
         budget = config.kv_cache_bytes
-        if budget is None:  # room for a full batch of 4k-token requests, at most 1 GiB
-            budget = min(config.max_batch_size * min(text.max_position_embeddings, 4096) * per_token, 1 << 30)
-        num_blocks = max(1, budget // (per_token * BLOCK))
-        shape = (num_blocks * BLOCK, text.num_kv_heads, text.head_dim)
+        if budget is None:  # room for a full batch of 4k-token requests, at most 2 GiB
+            budget = min(config.max_batch_size * min(text.max_position_embeddings, 4096) * per_token, 2 << 30)
+        self.max_blocks = max(1, budget // (per_token * BLOCK))
+        # The pool starts small and grows up to the budget as requests need it: memory follows use.
+        start = min(self.max_blocks, 4096 // BLOCK)
+        # Zeroed, not empty: padded reads land on real slots, and garbage there could be NaN.
+        shape = (start * BLOCK, text.num_kv_heads, text.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_layers)]
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(start)
         self.features = FeatureCache(config.image_cache_bytes)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
@@ -238,10 +247,10 @@ class Engine:
         if params.max_new_tokens > context - len(prompt):  # answers end at the context limit, as "length"
             params = dataclasses.replace(params, max_new_tokens=context - len(prompt))
         need = -(-(len(prompt) + params.max_new_tokens) // BLOCK)
-        if need > self.pool.num_blocks:
+        if need > self.max_blocks:
             raise GenerationError(
                 f"the request needs {need * BLOCK} tokens of KV cache but the engine holds "
-                f"{self.pool.num_blocks * BLOCK}; lower max_new_tokens or give the engine a larger kv_cache_bytes."
+                f"{self.max_blocks * BLOCK}; lower max_new_tokens or give the engine a larger kv_cache_bytes."
             )
         media = _media_of(self.model, encoded)
         cfg = self.model.cfg
@@ -262,6 +271,29 @@ class Engine:
         except ValueError:
             pass
 
+    def clear_caches(self) -> None:
+        """Forget cached image features and prefixes (the next request starts cold)."""
+        self.features = FeatureCache(self.config.image_cache_bytes)
+        for b in list(self.pool.evictable):
+            del self.pool.by_hash[self.pool.hash_of.pop(b)]
+            self.pool.evictable.pop(b)
+            self.pool.free.append(b)
+        for b in list(self.pool.hash_of):  # blocks in use stay, but are no longer findable
+            del self.pool.by_hash[self.pool.hash_of.pop(b)]
+
+    def _grow(self, blocks_needed: int) -> bool:
+        """Enlarge the pool (at least doubling) so `blocks_needed` more blocks fit; False at the budget."""
+        missing = blocks_needed - self.pool.available()
+        room = self.max_blocks - self.pool.num_blocks
+        if missing <= 0 or missing > room:
+            return missing <= 0
+        add = min(room, max(missing, self.pool.num_blocks))
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = torch.cat([old, old.new_zeros((add * BLOCK, *old.shape[1:]))])
+        self.pool.grow(add)
+        return True
+
     def num_waiting(self) -> int:
         return len(self.waiting)
 
@@ -273,6 +305,7 @@ class Engine:
         return dict(self.counters, requests_running=len(self.running), requests_waiting=len(self.waiting),
                     image_cache_hits=self.features.hits, image_cache_misses=self.features.misses,
                     image_cache_bytes=self.features.bytes, kv_blocks_total=self.pool.num_blocks,
+                    kv_blocks_budget=self.max_blocks,
                     kv_blocks_free=self.pool.available())
 
     # -- one iteration ------------------------------------------------------------------------------
@@ -333,6 +366,7 @@ class Engine:
                 hits.append(b)
                 seq.last_hash = h
             total = -(-(len(seq.prompt) + seq.state.params.max_new_tokens) // BLOCK)
+            self._grow(total - len(hits))
             fresh = self.pool.allocate(total - len(hits))
             if fresh is None:
                 self.pool.release(hits)

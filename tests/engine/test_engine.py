@@ -133,7 +133,7 @@ def test_async_engine_streams_cancels_and_refuses_when_full(models):
     vlm = models("llama")[0]
 
     async def main():
-        engine = AsyncEngine(vlm, EngineConfig(max_batch_size=4, max_queue=2))
+        engine = AsyncEngine(vlm, EngineConfig(max_batch_size=4, max_queue=4))
         convs = [_conv(f"Tell me about picture {i}.", [_image(20 + i, 40, 30)]) for i in range(4)]
         encoded = [await asyncio.to_thread(engine.encode, c) for c in convs]
 
@@ -159,7 +159,7 @@ def test_async_engine_streams_cancels_and_refuses_when_full(models):
 
         # more waiting requests than the queue allows: refused, not queued forever
         blockers = [engine.submit(f"b{i}", encoded[0], llavakit.SamplingParams(max_new_tokens=300, ignore_eos=True))
-                    for i in range(8)]
+                    for i in range(12)]
         tasks = [asyncio.ensure_future(b.__anext__()) for b in blockers]
         done = await asyncio.gather(*tasks, return_exceptions=True)
         assert any(isinstance(x, EngineOverloaded) for x in done)
@@ -168,3 +168,29 @@ def test_async_engine_streams_cancels_and_refuses_when_full(models):
         await engine.stop(timeout=5)
 
     asyncio.run(asyncio.wait_for(main(), timeout=120))
+
+
+def test_pool_grows_with_demand_up_to_the_budget(models):
+    vlm = models("llama")[0]
+    engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, EngineConfig())
+    start = engine.stats()["kv_blocks_total"]
+    assert start * BLOCK == 4096  # small until something needs more
+    engine.add_request("big", vlm.processor.encode(_conv("hi")), llavakit.SamplingParams(max_new_tokens=3900))
+    engine.add_request("big2", vlm.processor.encode(_conv("hello")), llavakit.SamplingParams(max_new_tokens=3900))
+    engine.step()
+    assert engine.stats()["requests_running"] == 2 and engine.stats()["kv_blocks_total"] > start
+    engine.abort("big")
+    engine.abort("big2")
+    engine.step()
+    assert engine.pool.available() == engine.pool.num_blocks
+
+
+def test_clear_caches_makes_the_next_request_cold(models):
+    vlm = models("next_mistral")[0]
+    engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, EngineConfig())
+    conv = _conv("What is in the picture?", [_image(9, 50, 40)])
+    first, _ = _run_all(engine, vlm, [(conv, llavakit.SamplingParams(max_new_tokens=4))])
+    engine.clear_caches()
+    again, _ = _run_all(engine, vlm, [(conv, llavakit.SamplingParams(max_new_tokens=4))])
+    stats = engine.stats()
+    assert (stats["image_cache_hits"], stats["prefix_cache_hit_tokens"]) == (0, 0) and first == again
