@@ -87,10 +87,13 @@ class AsyncEngine:
             self.abort(request_id)  # no-op when finished; frees the slot when the caller went away
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its slot and cache are freed before the next step."""
+        """Cancel a request; its slot and cache are freed before the next step, and its stream ends."""
         with self._lock:
-            self._queues.pop(request_id, None)
+            target = self._queues.pop(request_id, None)
             self.engine.abort(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
     def stats(self) -> dict:
         """Counters and gauges for /metrics."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections import OrderedDict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class Engine:
         self.running: list[_Seq] = []
         self.by_id: dict[str, _Seq] = {}
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_hit_tokens=0,
-                             requests_finished=0, requests_aborted=0)
+                             requests_finished=0, requests_aborted=0, vision_seconds_total=0.0)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, encoded: Encoded, params: SamplingParams) -> None:
@@ -410,6 +411,7 @@ class Engine:
                 else:
                     videos.append(m)
         model = self.model
+        started = time.perf_counter()
         if images:
             tiles = model.encode_tiles(torch.cat([m.pixels for m in images]))
             packed = model.pack_images(tiles, tuple(m.size for m in images), tuple(m.tiled for m in images))
@@ -420,6 +422,8 @@ class Engine:
             f = model.video_features(m.pixels, (m.pixels.shape[0],))
             found[m.key] = f
             self.features.put(m.key, f)
+        if images or videos:
+            self.counters["vision_seconds_total"] += time.perf_counter() - started
         return found
 
     def _prefill(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:

@@ -23,7 +23,6 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
-from ..errors import ImageError, VideoError
 from .config import ServerConfig
 from .errors import BadRequest, MediaFetchError
 from .fetch import RemoteFetcher
@@ -41,7 +40,7 @@ def decode_data_url(url: str, kind: str, param: str) -> bytes:
     mime = (m.group("mime") or "").lower()
     allowed = ("image/",) if kind == "image" else _VIDEO_MIME_PREFIXES
     if not mime.startswith(allowed):
-        raise BadRequest(f"{param}: a {kind} data URL needs a {kind}/* media type, got {mime or 'none'!r}.",
+        raise BadRequest(f"{param}: the data URL's media type must be {kind}/*, got {mime or 'none'!r}.",
                          param=param, code="invalid_data_url")
     if ";base64" not in m.group("params").lower():
         raise BadRequest(f"{param}: only base64 data URLs are accepted (data:{mime};base64,...).", param=param,
@@ -71,9 +70,12 @@ def check_image(data: bytes, cfg: ServerConfig, param: str) -> None:
     except Image.DecompressionBombError:  # Pillow's own guard fires on absurd headers first
         raise BadRequest(f"{param}: the image has more pixels than this server accepts "
                          f"({cfg.max_image_pixels}).", param=param, code="image_too_large") from None
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error...: not an image
-        raise BadRequest(f"{param}: the bytes are not an image Pillow can read ({type(e).__name__}: {e}).",
-                         param=param, code="invalid_image") from None
+    except Image.UnidentifiedImageError:
+        raise BadRequest(f"{param}: the bytes are not an image in any format this server reads (PNG, JPEG, WebP, "
+                         "GIF, BMP, TIFF, ...).", param=param, code="invalid_image") from None
+    except Exception as e:  # SyntaxError, struct.error, OSError...: a header Pillow recognised but cannot parse
+        raise BadRequest(f"{param}: the image header is corrupt ({type(e).__name__}: {e}).", param=param,
+                         code="invalid_image") from None
     if width * height > cfg.max_image_pixels:
         raise BadRequest(f"{param}: the image is {width}x{height} = {width * height} pixels, more than this "
                          f"server's limit of {cfg.max_image_pixels}; send a smaller image.", param=param,
@@ -183,9 +185,3 @@ class MediaResolver:
             raise MediaFetchError(f"{param}: no file at {unquote(parts.path)!r}.", param=param)
         return path
 
-
-def as_input_error(exc: Exception, param: str) -> BadRequest:
-    """An ImageError or VideoError raised while decoding a checked medium, as a 400 naming its part."""
-    kind = "image" if isinstance(exc, ImageError) else "video"
-    assert isinstance(exc, (ImageError, VideoError))
-    return BadRequest(f"{param}: {exc}", param=param, code=f"invalid_{kind}")

@@ -29,21 +29,29 @@ class _Strict(BaseModel):
 
 
 class TextPart(_Strict):
+    """A text part."""
+
     type: Literal["text"]
     text: str
 
 
 class ImageURL(_Strict):
+    """Where an image comes from: a data:, http(s):// or file:// URL."""
+
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None  # accepted and ignored: tiling follows the checkpoint
 
 
 class ImagePart(_Strict):
+    """An image part."""
+
     type: Literal["image_url"]
     image_url: ImageURL
 
 
 class VideoURL(_Strict):
+    """Where a video comes from, and how many of its frames to sample."""
+
     url: str = Field(min_length=1)
     num_frames: int | None = Field(None, ge=1)  # frames sampled evenly; default: the server's
     fps: float | None = Field(None, gt=0)  # or frames per second of video
@@ -56,6 +64,8 @@ class VideoURL(_Strict):
 
 
 class VideoPart(_Strict):
+    """A video part (video checkpoints only)."""
+
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -67,18 +77,24 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 
 
 class SystemMessage(_Strict):
+    """Instructions for the model."""
+
     role: Literal["system", "developer"]  # OpenAI's newer name for the system role
     content: str | list[TextPart]
     name: str | None = None
 
 
 class UserMessage(_Strict):
+    """A user turn: text, images, videos."""
+
     role: Literal["user"]
     content: str | Annotated[list[ContentPart], Field(min_length=1)]
     name: str | None = None
 
 
 class AssistantMessage(_Strict):
+    """An earlier answer of the model."""
+
     role: Literal["assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -91,6 +107,8 @@ Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage], Field(d
 
 
 class JSONSchemaFormat(_Strict):
+    """A named JSON schema the answer must follow."""
+
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     json_schema: dict[str, Any] | bool = Field(alias="schema")
@@ -98,6 +116,8 @@ class JSONSchemaFormat(_Strict):
 
 
 class ResponseFormat(_Strict):
+    """Free text, any JSON object, or a JSON schema."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -109,6 +129,8 @@ class ResponseFormat(_Strict):
 
 
 class StreamOptions(_Strict):
+    """What a stream carries besides the text."""
+
     include_usage: bool | None = None
 
 
@@ -221,6 +243,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         # The deepest location is the most specific one (unions report each member's failure).
         err = max(e.errors(include_url=False), key=lambda x: len(x["loc"]))
         param = _param(err["loc"], data)
+        if err["type"] == "missing" and err["loc"]:  # the missing field is not in the data, so name it here
+            param = (param + "." if param else "") + str(err["loc"][-1])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter; check its spelling or remove it"

@@ -1,0 +1,196 @@
+"""The FastAPI app: routes, error bodies, request metrics and the body-size limit.
+
+    POST /v1/chat/completions   chat, streamed (SSE) or whole
+    GET  /v1/models             the one model served
+    GET  /health                200 while serving, 503 while shutting down
+    GET  /metrics               Prometheus text format
+
+`create_app(engine, config)` takes a running `AsyncEngine`; the app stops it on shutdown (after
+uvicorn has let in-flight requests finish, see `run.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .completions import ChatService, ClientDisconnected, Stream
+from .config import ServerConfig
+from .errors import APIError, Overloaded, PayloadTooLarge, log, to_api_error
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import parse_request
+
+_ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_PARSE_INLINE_BYTES = 256 << 10
+
+
+def error_response(err: APIError, retry_after: int) -> JSONResponse:
+    """The JSON response of an APIError (Retry-After on 429 and 503)."""
+    headers = dict(err.headers)
+    if err.status in (429, 503):
+        headers.setdefault("Retry-After", str(retry_after))
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+class _RequestMetrics:
+    """Pure ASGI middleware counting responses by route and status (BaseHTTPMiddleware would buffer streams)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        status = {"code": 500}
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that always closes its Stream, even when the body was never started."""
+
+    def __init__(self, stream: Stream):
+        super().__init__(stream.events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.close()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or actual length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server accepts at most {limit} "
+                              "(--max-body-bytes). Send smaller or fewer images.")
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than this server's limit of {limit} bytes "
+                                  "(--max-body-bytes). Send smaller or fewer images.")
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Finishes when the client closes the connection (the body has been read, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
+    """The OpenAI-compatible app over a running `AsyncEngine`."""
+    metrics = Metrics(engine.stats)
+    service = ChatService(engine, config, metrics)
+    state = {"draining": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        """Nothing to start; on shutdown stop the engine (uvicorn has drained the connections by then)."""
+        yield
+        state["draining"] = True
+        await engine.stop(timeout=config.shutdown_timeout_s)
+        service.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="llavakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.state.metrics = metrics
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, config.retry_after_s)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type":
+                          "invalid_request_error", "param": None, "code": kind}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(to_api_error(exc), config.retry_after_s)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        """OpenAI chat completions, whole or streamed."""
+        arrived = time.perf_counter()
+        if state["draining"]:
+            raise Overloaded("the server is shutting down; retry on another server.")
+        body = await _read_body(request, config.max_body_bytes)
+        if len(body) > _PARSE_INLINE_BYTES:  # megabytes of JSON and base64 take the loop too long to parse
+            req = await asyncio.get_running_loop().run_in_executor(service.pool, parse_request, body)
+        else:
+            req = parse_request(body)
+        try:
+            prepared = await service.prepare(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise to_api_error(e) from None
+        if req.stream:
+            try:
+                stream = await service.start_stream(prepared, req, arrived)
+            except BaseException as e:
+                service.release(len(prepared.params))
+                if isinstance(e, Exception):
+                    raise to_api_error(e) from None
+                raise
+            return _SSEResponse(stream)
+        try:
+            body = await service.complete(prepared, req.model, arrived, _disconnected(request))
+        except ClientDisconnected:
+            log.info("client went away; request %s aborted", prepared.cid)
+            return Response(status_code=499)  # nobody reads it; the status shows in the metrics
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise to_api_error(e) from None
+        finally:
+            service.release(len(prepared.params))
+        return JSONResponse(body)
+
+    @app.get("/v1/models")
+    async def models():
+        """The one served model."""
+        vlm = engine.vlm
+        return {"object": "list", "data": [{
+            "id": config.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "llavakit",
+            "root": str(vlm.folder), "max_model_len": service.context, "model_type": vlm.config.model_type}]}
+
+    @app.get("/health")
+    async def health():
+        """200 while serving, 503 while shutting down."""
+        if state["draining"]:
+            return JSONResponse({"status": "shutting down"}, status_code=503,
+                                headers={"Retry-After": str(config.retry_after_s)})
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        """Prometheus text exposition."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

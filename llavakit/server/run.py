@@ -1,0 +1,42 @@
+"""Run the server: load a checkpoint, start the engine, serve with uvicorn, shut down cleanly on SIGTERM.
+
+Shutdown on SIGTERM (or Ctrl-C):
+
+    uvicorn stops accepting ─► in-flight requests run on for up to shutdown_timeout_s
+        ─► the rest are cancelled (their engine requests aborted) ─► lifespan: engine.stop() ─► exit 0
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from .config import ServerConfig
+
+
+def serve(vlm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
+          kv_cache_bytes: int | None = None, image_cache_bytes: int = 256 << 20, log_level: str = "info") -> int:
+    """Serve `vlm` until SIGTERM or SIGINT; returns the process exit status (0 after a graceful stop)."""
+    import uvicorn
+
+    from ..engine.async_engine import AsyncEngine, EngineConfig
+    from .app import create_app
+
+    # The engine's queue holds whatever the server admits, so the server's 429 speaks first and
+    # the engine's own refusal (a 503) is left for shutdown.
+    engine = AsyncEngine(vlm, EngineConfig(max_batch_size=max_batch_size, max_queue=config.max_concurrent_requests,
+                                           kv_cache_bytes=kv_cache_bytes, image_cache_bytes=image_cache_bytes))
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                               timeout_graceful_shutdown=config.shutdown_timeout_s, lifespan="on",
+                               limit_concurrency=None, timeout_keep_alive=5)
+    server = uvicorn.Server(uv_config)
+    logging.getLogger("llavakit.server").setLevel(log_level.upper())
+    # uvicorn re-raises the signal it caught once it has shut down, with the handler it found at
+    # start: with a no-op handler there, a graceful SIGTERM stop ends in exit status 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 1

@@ -1,0 +1,170 @@
+"""Shared by the server tests: a `llavakit serve` subprocess, and media and message builders."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+START_TIMEOUT_S = 90
+REQUEST_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `llavakit serve` process."""
+
+    def __init__(self, model: Path, name: str, flags: list[str], log: Path):
+        self.model, self.name, self.log = model, name, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "llavakit", "serve", "--model", str(model), "--dtype", "float32",
+               "--port", str(self.port), "--served-model-name", name, "--log-level", "warning", *flags]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"server did not start within {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    # -- raw HTTP (for bodies the openai client would never send) -----------------------------
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bytes, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        status, body, _ = self.request("GET", path, timeout=10)
+        return status, body
+
+    def post(self, payload: dict | bytes, headers: dict | None = None) -> tuple[int, dict | bytes, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        status, raw, hdrs = self.request("POST", "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json", **(headers or {})})
+        try:
+            return status, json.loads(raw), hdrs
+        except ValueError:
+            return status, raw, hdrs
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="test", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+    def async_client(self):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="test", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of /metrics as {'name{label="v"}': value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return out
+
+    def rss(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"server ignored SIGTERM for {timeout} s:\n{self.log_tail()}")
+        return self.proc.returncode
+
+
+
+# ───────────────────────────── media helpers ─────────────────────────────
+
+
+def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def mp4_bytes(n: int = 12, w: int = 64, h: int = 48) -> bytes:
+    """A small H.264 clip whose frames change colour, written with PyAV."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = np.full((h, w, 3), (i * 20 % 255, 255 - i * 20 % 255, 128), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def image_message(text: str, *images: bytes) -> list[dict]:
+    """An OpenAI user message with data-URL images first, then the text."""
+    parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def local_message(text: str, *images: bytes) -> list[dict]:
+    """The same conversation in llavakit's format, for vlm.chat and the processor."""
+    parts = [{"type": "image", "image": im} for im in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]

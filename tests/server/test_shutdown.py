@@ -1,0 +1,59 @@
+"""SIGTERM: the server stops accepting, lets in-flight streams finish within the timeout, cancels the rest, exits 0."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+from server_helpers import Server, image_message, png_bytes
+
+
+def _stream(port: int, max_tokens: int, out: dict, started: threading.Event) -> None:
+    body = json.dumps({"model": "shutdown", "messages": image_message("What is in the picture?", png_bytes(16, 16)),
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body)
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            data += piece
+            if b"data: " in data:
+                started.set()
+    out["data"] = data
+
+
+def test_sigterm_finishes_short_streams_cancels_long_ones_and_exits_0(checkpoint, tmp_path):
+    s = Server(checkpoint("llama"), "shutdown", ["--shutdown-timeout", "1.5"], tmp_path / "server.log")
+    short, long_ = {}, {}
+    events = [threading.Event(), threading.Event()]
+    threads = [threading.Thread(target=_stream, args=(s.port, 40, short, events[0])),
+               threading.Thread(target=_stream, args=(s.port, 4000, long_, events[1]))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(30) for e in events)
+    start = time.monotonic()
+    s.proc.send_signal(15)
+    time.sleep(0.3)
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=2):
+            refused = False
+    except OSError:
+        refused = True
+    assert s.proc.wait(30) == 0, s.log_tail()
+    elapsed = time.monotonic() - start
+    for t in threads:
+        t.join(10)
+    assert refused, "the server still accepted connections after SIGTERM"
+    assert elapsed < 15
+    text = short["data"].decode()  # chunked transfer encoding: the body ends with the empty last chunk
+    assert '"finish_reason":"length"' in text and "data: [DONE]" in text and text.endswith("\r\n0\r\n\r\n")
+    assert "data: [DONE]" not in long_["data"].decode()  # cut when the timeout ran out
