@@ -100,6 +100,8 @@ def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path |
     folder = Path(name).expanduser()
     if not folder.is_dir() and checkpoint is not None and (checkpoint / folder).is_dir():
         folder = checkpoint / folder  # a tower folder shipped inside the checkpoint, named relatively
+    if not folder.is_dir() and str(name).count("/") == 1 and not _stored_tower(checkpoint):
+        folder = _hub_tower(str(name))  # liuhaotian checkpoints name a hub tower they do not store
     if folder.is_dir():
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
@@ -118,6 +120,21 @@ def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path |
         f"vision tower {name!r} is neither a local folder nor a known tower ({', '.join(KNOWN_TOWERS)}); "
         "pass vision_tower=DIR (--vision-tower DIR) pointing at its checkpoint folder."
     )
+
+
+def _stored_tower(checkpoint: Path | None) -> bool:
+    return checkpoint is not None and _tower_stored(checkpoint)
+
+
+def _hub_tower(name: str) -> Path:
+    """The tower's folder from the hub cache (or a download); a non-folder path when unavailable."""
+    from .errors import ConfigError as _ConfigError
+    from .weights import resolve_model_dir
+
+    try:
+        return resolve_model_dir(name)
+    except _ConfigError:
+        return Path(name)  # falls through to the known-tower table, or a clear error
 
 
 def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int | None) -> dict:

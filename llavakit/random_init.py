@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
         model_type="llava",
         text=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                  rope_parameters=_rope(10000.0), vocab_size=400),
+                  rope_parameters=_rope(10000.0), vocab_size=None),  # None: just the learned tokens
         vision=dict(_CLIP_L336, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
         specials={**_LLAMA_SPECIALS, "<pad>": 3, "<image>": 4}, image_token="<image>", bos="<s>", eos="</s>",
         pad="<pad>",
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _tokenizer(vocab_size: int, specials: dict[str, int], bos: str | None):
+def _tokenizer(vocab_size: int | None, specials: dict[str, int], bos: str | None):
     """A byte-level BPE tokenizer of exactly `vocab_size` entries with the special tokens at their real ids.
 
     A few hundred entries are learned from a small corpus (printable ASCII only, so anything a random
@@ -100,7 +100,8 @@ def _tokenizer(vocab_size: int, specials: dict[str, int], bos: str | None):
 
     learned = Tokenizer(models.BPE())
     learned.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=min(384, vocab_size - len(specials)), show_progress=False)
+    target = 384 if vocab_size is None else min(384, vocab_size - len(specials))
+    trainer = trainers.BpeTrainer(vocab_size=target, show_progress=False)
     learned.train_from_iterator([_CORPUS] * 8 + [string.printable], trainer=trainer)
     state = json.loads(learned.to_str())["model"]
     taken = set(specials.values())
@@ -111,7 +112,7 @@ def _tokenizer(vocab_size: int, specials: dict[str, int], bos: str | None):
             next_id += 1
         vocab[token] = next_id
         taken.add(next_id)
-    for i in range(vocab_size):
+    for i in range(vocab_size or 0):
         if i not in taken:
             vocab[f"<|filler_{i}|>"] = i
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
@@ -125,7 +126,8 @@ def _tokenizer(vocab_size: int, specials: dict[str, int], bos: str | None):
     return tok
 
 
-def _write_weights(cfg: LlavaConfig, out: Path, dtype: torch.dtype, seed: int, max_shard_bytes: int = 2 << 30) -> None:
+def _write_weights(cfg: LlavaConfig, out: Path, dtype: torch.dtype, seed: int, std: float,
+                   max_shard_bytes: int = 2 << 30) -> None:
     """Random weights in the published key layout, generated and written shard by shard."""
     from safetensors.torch import save_file
 
@@ -157,7 +159,7 @@ def _write_weights(cfg: LlavaConfig, out: Path, dtype: torch.dtype, seed: int, m
             elif "norm" in name:  # RMSNorm and LayerNorm scales
                 t = torch.ones(shape)
             else:
-                t = torch.randn(shape, generator=gen) * 0.02
+                t = torch.randn(shape, generator=gen) * (0.02 if "embed" in name else std)
             tensors[published_key(name)] = t.to(dtype)
             weight_map[published_key(name)] = file
         save_file(tensors, str(out / file), metadata={"format": "pt"})
@@ -185,6 +187,7 @@ def make_random_checkpoint(out: Path, preset: str = "tiny", layers: int | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(text["vocab_size"], specials, p["bos"])
+    text["vocab_size"] = tok.get_vocab_size()
     text.update(bos_token_id=specials.get(p["bos"]), eos_token_id=specials[p["eos"]], pad_token_id=specials[p["pad"]])
     kind = p["model_type"]
     config = {
@@ -204,7 +207,9 @@ def make_random_checkpoint(out: Path, preset: str = "tiny", layers: int | None =
         config.update(image_grid_pinpoints=[list(x) for x in ONEVISION_PINPOINTS], vision_aspect_ratio="anyres_max_9",
                       video_token_index=specials["<video>"])
     cfg = LlavaConfig.from_hf(config)
-    _write_weights(cfg, out, dtype, seed)
+    # The demo's matrices are wider than an initialisation's: at 0.02 a tiny random model repeats one
+    # token forever; at 0.12 its (meaningless) answers at least vary with the picture and question.
+    _write_weights(cfg, out, dtype, seed, std=0.12 if preset == "tiny" else 0.02)
     tok.save(str(out / "tokenizer.json"))
     _write(out / "config.json", config)
     _write(out / "generation_config.json", {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
