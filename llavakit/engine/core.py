@@ -4,9 +4,11 @@ Every `step()`:
   1. admit waiting requests while the batch has room and the KV pool has blocks for their whole
      answer (prompt + max_new_tokens), reusing cached prefix blocks;
   2. decode one token for every running request, all in one batched forward;
-  3. prefill the admitted requests: their images go through the tower together (features found
-     in the image cache are reused), then each prompt's uncached suffix runs, and its first token
-     is sampled.
+  3. prefill up to PREFILL_CHUNK prompt tokens of the requests still reading their prompts,
+     oldest first: their images go through the tower together when they start (features found in
+     the image cache are reused), each prompt's uncached suffix runs chunk by chunk, and a request
+     whose prompt is complete samples its first token. A long prompt therefore costs the others
+     one chunk of latency per step, not its whole prefill.
 Requests join and leave at every step; an aborted one frees its blocks before the next step.
 
 Memory: keys and values live in one pool per layer of `num_blocks * BLOCK` slots sized from a
@@ -38,6 +40,7 @@ from .request import Delta, RequestState
 from .sampling import SamplingParams
 
 BLOCK = 16  # tokens per KV block
+PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, so long prompts do not stall decoding for long
 
 
 class BlockPool:
@@ -155,6 +158,7 @@ class _Seq:
     slot_map: torch.Tensor | None = None  # (tokens it may hold,) pool slot of each position
     length: int = 0  # tokens whose keys/values are in the pool
     registered: int = 0  # full blocks published to the prefix cache
+    embeds: torch.Tensor | None = None  # (1, prompt, D) while the prompt is being prefilled in chunks
     last_hash: int = 0
     aborted: bool = False
 
@@ -319,14 +323,15 @@ class Engine:
         guard = lock if lock is not None else nullcontext()
         with guard:
             self._reap()
-            admitted = self._admit()
+            self._admit()
             decoding = [s for s in self.running if s.state.ids]
+            prefilling = [s for s in self.running if not s.state.ids]
         outputs: list[tuple[_Seq, Delta]] = []
         with torch.inference_mode():
             if decoding:
                 outputs += self._decode(decoding)
-            if admitted:
-                outputs += self._prefill(admitted)
+            if prefilling:
+                outputs += self._prefill(prefilling)
         with guard:
             result = []
             for seq, delta in outputs:
@@ -352,12 +357,9 @@ class Engine:
         seq.blocks = []
         self.counters["requests_finished"] += 1
 
-    def _admit(self) -> list[_Seq]:
-        admitted, prefill_tokens = [], 0
+    def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
-            if admitted and prefill_tokens + len(seq.prompt) > 8192:
-                break  # keep one step's prefill bounded so decoding requests are not starved
             hits, h = [], 0
             for i in range((len(seq.prompt) - 1) // BLOCK):  # the last prompt token always runs: it gives the logits
                 h = hash((h, tuple(seq.token_keys[i * BLOCK : (i + 1) * BLOCK])))
@@ -383,9 +385,6 @@ class Engine:
             self.counters["prefix_cache_hit_tokens"] += len(hits) * BLOCK
             self.counters["prompt_tokens_total"] += len(seq.prompt)
             self.running.append(seq)
-            admitted.append(seq)
-            prefill_tokens += len(seq.prompt)
-        return admitted
 
 
     def _register(self, seq: _Seq, keys: list) -> None:
@@ -427,17 +426,26 @@ class Engine:
         return found
 
     def _prefill(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:
-        features = self._media_features(seqs)
-        model, device, out = self.model, self.model.device, []
+        """Prefill up to PREFILL_CHUNK prompt tokens, oldest request first; sample where a prompt completes."""
+        chosen, budget = [], PREFILL_CHUNK
         for seq in seqs:
-            if seq.aborted:
-                continue
+            if budget <= 0:
+                break
+            if not seq.aborted:
+                chosen.append((seq, min(budget, len(seq.prompt) - seq.length)))
+                budget -= chosen[-1][1]
+        fresh = [seq for seq, _ in chosen if seq.embeds is None]
+        features = self._media_features(fresh) if fresh else {}
+        model, device, out = self.model, self.model.device, []
+        for seq in fresh:
             ids = torch.tensor([seq.prompt], dtype=torch.long)
             images = [features[m.key] for m in seq.media if m.kind == "image"]
             videos = [features[m.key] for m in seq.media if m.kind == "video"]
-            embeds = model.embed(ids.to(device), torch.cat(images) if images else None,
-                                 torch.cat(videos) if videos else None)
-            start, end = seq.length, len(seq.prompt)
+            seq.embeds = model.embed(ids.to(device), torch.cat(images) if images else None,
+                                     torch.cat(videos) if videos else None)  # (1, prompt, D)
+        for seq, n in chosen:
+            start, end = seq.length, seq.length + n
+            embeds = seq.embeds
             step = PagedStep(
                 keys=self.keys, values=self.values,
                 write_slots=seq.slot_map[start:end].to(device),
@@ -445,10 +453,12 @@ class Engine:
                 read_valid=torch.ones(1, end, dtype=torch.bool, device=device),
                 query_pos=torch.arange(start, end, device=device)[None],
             )
-            logits = model.decode(embeds[:, start:], step.query_pos, None, step, last_only=True)[0, -1]
+            logits = model.decode(embeds[:, start:end], step.query_pos, None, step, last_only=True)[0, -1]
             seq.length = end
             self._register(seq, seq.token_keys)
-            out.append((seq, seq.state.sample(logits, self.eos_ids)))
+            if end == len(seq.prompt):  # the whole prompt is in: its first token
+                seq.embeds = None
+                out.append((seq, seq.state.sample(logits, self.eos_ids)))
         return out
 
     def _decode(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:

@@ -194,3 +194,42 @@ def test_clear_caches_makes_the_next_request_cold(models):
     again, _ = _run_all(engine, vlm, [(conv, llavakit.SamplingParams(max_new_tokens=4))])
     stats = engine.stats()
     assert (stats["image_cache_hits"], stats["prefix_cache_hit_tokens"]) == (0, 0) and first == again
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(models, monkeypatch):
+    """A prompt is prefilled PREFILL_CHUNK tokens per step; others keep decoding; answers do not change."""
+    import llavakit.engine.core as core
+
+    vlm, ref, proc = models("next_mistral")
+    long_conv = _conv("Describe the image in detail. " * 12, [_image(3, 80, 60)])
+    short_conv = _conv("What is in the picture?")
+    want_long = vlm.chat(long_conv, max_new_tokens=8).token_ids
+    want_short = vlm.chat(short_conv, max_new_tokens=30).token_ids
+    monkeypatch.setattr(core, "PREFILL_CHUNK", 16)
+    engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, EngineConfig())
+    engine.add_request("short", vlm.processor.encode(short_conv), llavakit.SamplingParams(max_new_tokens=30))
+    got = {"short": [], "long": []}
+    for rid, d in engine.step() + engine.step():
+        got[rid].append(d.token_id)
+    prompt = len(vlm.processor.encode(long_conv).input_ids)
+    engine.add_request("long", vlm.processor.encode(long_conv), llavakit.SamplingParams(max_new_tokens=8))
+    steps_until_long = 0
+    while not got["long"]:
+        for rid, d in engine.step():
+            got[rid].append(d.token_id)
+        steps_until_long += 1
+    assert steps_until_long >= prompt // 16  # the prompt really went in pieces ...
+    assert len(got["short"]) >= min(30, steps_until_long)  # ... while the other request kept decoding
+    while engine.has_unfinished():
+        for rid, d in engine.step():
+            got[rid].append(d.token_id)
+    assert got == {"short": want_short, "long": want_long}
+    # and the chunked prompt's logits are the reference's
+    inputs = proc.apply_chat_template(long_conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    import torch
+
+    with torch.no_grad():
+        gen = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((i + 1 for i, t in enumerate(gen) if t in vlm.eos_ids), len(gen))
+    assert got["long"] == gen[:cut]
