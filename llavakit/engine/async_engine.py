@@ -40,6 +40,42 @@ StreamDelta = Delta
 _DONE = object()
 
 
+class _Stream:
+    """The deltas of one request. Closing it, even before reading, aborts the request."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.closed = False
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self.closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled: the consumer went away
+            await self.aclose()
+            raise
+        if item is _DONE:
+            await self.aclose()
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        if item.finish_reason is not None:
+            self.closed = True
+            self.engine.abort(self.request_id)  # a no-op for a finished request; keeps the table tidy
+        return item
+
+    async def aclose(self) -> None:
+        """Stop reading; the request is cancelled and its slot freed."""
+        if not self.closed:
+            self.closed = True
+            self.engine.abort(self.request_id)
+
+
 class AsyncEngine:
     """Thread-backed async access to an `Engine` built on a loaded VLM."""
 
@@ -61,8 +97,13 @@ class AsyncEngine:
         """Render, load media and tokenize one conversation (CPU work: call it off the event loop)."""
         return self.vlm.processor.encode(messages)
 
-    async def submit(self, request_id: str, encoded: Encoded, params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        """Queue a request and yield its deltas until it finishes; raises EngineOverloaded when full."""
+    def submit(self, request_id: str, encoded: Encoded, params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Queue a request now and return the stream of its deltas (iterate it to the end, or close it).
+
+        Call from a coroutine. Refusals are raised here, before any stream exists: EngineOverloaded
+        when the queue is full or the engine is stopping, GenerationError when the request can
+        never fit the context or the KV budget.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -70,21 +111,10 @@ class AsyncEngine:
                 raise EngineOverloaded("the server is shutting down")
             if self.engine.num_waiting() >= self.config.max_queue:
                 raise EngineOverloaded(f"{self.config.max_queue} requests are already waiting")
-            self._queues[request_id] = (loop, queue)
             self.engine.add_request(request_id, encoded, params)
+            self._queues[request_id] = (loop, queue)
         self._wake.set()
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self.abort(request_id)  # no-op when finished; frees the slot when the caller went away
+        return _Stream(self, request_id, queue)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slot and cache are freed before the next step, and its stream ends."""
