@@ -22,7 +22,7 @@ from .. import anyres
 from ..config import LlavaConfig
 from ..errors import TokenFeatureMismatch
 from .projector import Projector
-from .text import KVCache, PagedStep, TextModel
+from .text import PagedStep, TextModel
 from .vision import VisionTower
 
 
@@ -186,7 +186,7 @@ class LlavaModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor | None,
-        cache: KVCache | PagedStep | None,
+        cache: PagedStep | None,
         last_only: bool,
     ) -> torch.Tensor:
         """Run the decoder and the head; logits (B, T or 1, V) in the model dtype."""

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 decoder with an explicit KV cache.
+"""Llama / Mistral / Qwen2 decoder; the KV cache is the engine's, passed in as a PagedStep.
 
 The three families differ only in switches read from `TextConfig`: qkv bias (Qwen2), per-layer
 sliding windows (Mistral, Qwen2 when enabled), rope scaling (Llama-3). The model knows nothing of
@@ -18,51 +18,6 @@ from torch import nn
 
 from ..config import TextConfig
 from .layers import RMSNorm, activation, apply_rope, rope_cos_sin, rope_inv_freq
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys and values, per layer (B, Hkv, capacity, hd).
-
-    Rows of a batch share one write position (`length`) because batches are left-padded; the
-    `valid` mask passed to the model tells which slots hold real tokens.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    length: int = 0
-
-    @classmethod
-    def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
-        """Zeroed cache for `batch` sequences of at most `capacity` tokens."""
-        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-        )
-
-    @property
-    def capacity(self) -> int:
-        """Tokens each row can hold before `reserve` has to grow the buffers."""
-        return self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values (B, Hkv, T, hd) at `length`; return all keys/values so far (B, Hkv, S, hd)."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def reserve(self, total: int) -> None:
-        """Grow every buffer to hold at least `total` tokens (doubling, so growth stays rare)."""
-        if total <= self.capacity:
-            return
-        new = max(total, 2 * self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
-                grown[:, :, : self.length] = old[:, :, : self.length]
-                buffers[i] = grown
 
 
 @dataclass
@@ -107,25 +62,22 @@ class PagedStep:
         return allowed[:, None]
 
 
-def attention_mask(valid: torch.Tensor | None, start: int, t: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, S) mask, True where a query may attend; None when plain causal suffices.
+def attention_mask(valid: torch.Tensor | None, t: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, T) mask for a forward without cache; None when plain causal suffices.
 
-    valid: (B, S) bool, False at padding slots. Query t sits at key index start + t. A query
-    always sees itself, so that padding rows stay finite instead of softmaxing an empty set.
+    valid: (B, T) bool, False at padding. A query always sees itself, so that padding rows stay
+    finite instead of softmaxing an empty set.
     """
-    s = start + t
-    if valid is None and window is None and start == 0 and t > 1:
-        return None  # SDPA's is_causal fast path
-    if valid is None and window is None and t == 1:
-        return None  # one new token attends to every cached one
-    q_idx = torch.arange(start, s, device=device)[:, None]  # (T, 1)
-    k_idx = torch.arange(s, device=device)[None, :]  # (1, S)
+    if valid is None and window is None:
+        return None  # SDPA's is_causal fast path (and a single token sees itself)
+    q_idx = torch.arange(t, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(t, device=device)[None, :]  # (1, T)
     allowed = k_idx <= q_idx
     if window is not None:
         allowed = allowed & (k_idx > q_idx - window)
     allowed = allowed[None, None]  # (1, 1, T, S)
     if valid is not None:
-        allowed = allowed & valid[:, None, None, :s]
+        allowed = allowed & valid[:, None, None, :]
     return allowed | (k_idx == q_idx)[None, None]
 
 
@@ -157,7 +109,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | PagedStep | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: PagedStep | None) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -198,7 +150,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, layer_idx: int, cache: KVCache | PagedStep | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_idx: int, cache: PagedStep | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -219,29 +171,24 @@ class TextModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         valid: torch.Tensor | None,
-        cache: KVCache | PagedStep | None,
+        cache: PagedStep | None,
     ) -> torch.Tensor:
         """Run the decoder on new tokens.
 
         embeds: (B, T, D) input embeddings. positions: (B, T) rope positions.
-        valid: (B, S) bool over cache slots [0, start + T) (None: no padding anywhere; unused with PagedStep,
-        which carries its own).
-        cache: a KVCache, written at [length, length + T) and advanced; a PagedStep of the engine; or None.
+        valid: (B, T) bool, False at padding (None: no padding); only without a cache, a PagedStep
+        carries its own.
+        cache: the engine's PagedStep (keys and values written into its pool), or None for a plain forward.
         Returns final-normed hidden states (B, T, D).
         """
         t = embeds.shape[1]
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
         windows = set(self.cfg.sliding_windows)
-        if isinstance(cache, PagedStep):
+        if cache is not None:
             masks = {w: cache.mask(w) for w in windows}
         else:
-            start = cache.length if cache is not None else 0
-            if cache is not None and start + t > cache.capacity:
-                raise ValueError(f"KV cache holds {cache.capacity} tokens; {start + t} were asked for")
-            masks = {w: attention_mask(valid, start, t, w, embeds.device) for w in windows}
+            masks = {w: attention_mask(valid, t, w, embeds.device) for w in windows}
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.cfg.sliding_windows[i]], i, cache)
-        if isinstance(cache, KVCache):
-            cache.length += t
         return self.norm(x)
