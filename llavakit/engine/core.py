@@ -387,11 +387,14 @@ class Engine:
             self.running.append(seq)
 
 
-    def _register(self, seq: _Seq, keys: list) -> None:
-        """Publish the request's newly filled blocks to the prefix cache."""
-        while (seq.registered + 1) * BLOCK <= min(seq.length, len(keys)):
+    def _register(self, seq: _Seq) -> None:
+        """Publish the request's newly filled blocks to the prefix cache (prompt keys, then generated ids)."""
+        while (seq.registered + 1) * BLOCK <= seq.length:
             i = seq.registered
-            seq.last_hash = hash((seq.last_hash, tuple(keys[i * BLOCK : (i + 1) * BLOCK])))
+            lo, hi = i * BLOCK, (i + 1) * BLOCK
+            n = len(seq.token_keys)
+            keys = seq.token_keys[lo:hi] if hi <= n else seq.token_keys[lo:] + seq.state.ids[max(0, lo - n) : hi - n]
+            seq.last_hash = hash((seq.last_hash, tuple(keys)))
             self.pool.register(seq.blocks[i], seq.last_hash)
             seq.registered += 1
 
@@ -455,7 +458,7 @@ class Engine:
             )
             logits = model.decode(embeds[:, start:end], step.query_pos, None, step, last_only=True)[0, -1]
             seq.length = end
-            self._register(seq, seq.token_keys)
+            self._register(seq)
             if end == len(seq.prompt):  # the whole prompt is in: its first token
                 seq.embeds = None
                 out.append((seq, seq.state.sample(logits, self.eos_ids)))
@@ -479,6 +482,6 @@ class Engine:
         out = []
         for i, seq in enumerate(seqs):
             seq.length += 1
-            self._register(seq, seq.token_keys + seq.state.ids)
+            self._register(seq)
             out.append((seq, seq.state.sample(logits[i], self.eos_ids)))
         return out

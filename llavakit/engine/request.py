@@ -49,7 +49,7 @@ class RequestState:
 
     def sample(self, logits: torch.Tensor, eos_ids: set[int]) -> Delta:
         """Pick the next token from (V,) logits, record it, and say what it completed."""
-        pick = sample_row(logits, self.params, torch.tensor(self.seen, dtype=torch.long), self.generator)
+        pick = sample_row(logits, self.params, self.seen, self.generator)
         return self.advance(pick, eos_ids)
 
     def advance(self, pick: Pick, eos_ids: set[int]) -> Delta:

@@ -106,16 +106,16 @@ class Pick:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-def sample_row(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> Pick:
+def sample_row(logits: torch.Tensor, p: SamplingParams, seen: list[int], generator: torch.Generator | None) -> Pick:
     """Pick the next token from one row of logits (V,).
 
-    seen: 1-D long tensor of the prompt and generated ids (for the repetition penalty).
+    seen: the prompt and generated ids (read only for the repetition penalty).
     Log-probabilities are those of the model's own distribution, before penalties and warping.
     """
     raw = logits.float().cpu()  # per-request generators and histories live on the CPU
     logits = raw
     if p.repetition_penalty != 1.0:
-        logits = penalize(logits, seen, p.repetition_penalty)
+        logits = penalize(logits, torch.tensor(seen, dtype=torch.long), p.repetition_penalty)
     if p.constraint is not None:
         logits = p.constraint.mask(logits)
     if p.greedy:
