@@ -70,7 +70,7 @@ def _add_tokens(dst: Path, tokens: list[str]) -> dict[str, int]:
 
 
 def _to_hf(src: Path, dst: Path, raw: dict, vision_tower: str | None, conv_template: str | None) -> Path:
-    vision, tower_processor, tower_folder = original.resolve_tower(raw, vision_tower, src)
+    vision, tower_processor, tower_folder = original.resolve_tower(raw, vision_tower, src, original.tower_stored(src))
     kind = original.family(raw)
     _copy_side_files(src, dst)
     ids = _add_tokens(dst, ["<image>", "<video>"] if kind == "llava_onevision" else ["<image>"])
@@ -114,8 +114,7 @@ def _to_hf(src: Path, dst: Path, raw: dict, vision_tower: str | None, conv_templ
     else:
         proc.update(patch_size=cfg.vision.patch_size, num_additional_image_tokens=int(cfg.vision.has_class_token))
     _write_json(dst / "processor_config.json", proc)
-    name = str(raw.get("_name_or_path") or src.name) + " " + src.name
-    template = original.TEMPLATES[original.pick_template(name, cfg.text.model_type, conv_template)]
+    template = original.TEMPLATES[original.template_for(raw, src, cfg.text.model_type, conv_template)]
     _write_json(dst / "chat_template.json", {"chat_template": template})
     return dst
 

@@ -87,7 +87,8 @@ def family(raw: dict) -> str:
     )
 
 
-def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path | None = None) -> tuple[dict, dict, Path | None]:
+def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path | None = None,
+                  stored: bool = False) -> tuple[dict, dict, Path | None]:
     """(vision config, image processor dict, folder with the tower's weights or None).
 
     Taken from `vision_tower` (a folder) when given, else from `mm_vision_tower` when it is a local
@@ -100,7 +101,7 @@ def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path |
     folder = Path(name).expanduser()
     if not folder.is_dir() and checkpoint is not None and (checkpoint / folder).is_dir():
         folder = checkpoint / folder  # a tower folder shipped inside the checkpoint, named relatively
-    if not folder.is_dir() and str(name).count("/") == 1 and not _stored_tower(checkpoint):
+    if not folder.is_dir() and str(name).count("/") == 1 and not stored:
         folder = _hub_tower(str(name))  # liuhaotian checkpoints name a hub tower they do not store
     if folder.is_dir():
         cfg_path = folder / "config.json"
@@ -122,18 +123,13 @@ def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path |
     )
 
 
-def _stored_tower(checkpoint: Path | None) -> bool:
-    return checkpoint is not None and _tower_stored(checkpoint)
-
-
 def _hub_tower(name: str) -> Path:
     """The tower's folder from the hub cache (or a download); a non-folder path when unavailable."""
-    from .errors import ConfigError as _ConfigError
     from .weights import resolve_model_dir
 
     try:
         return resolve_model_dir(name)
-    except _ConfigError:
+    except ConfigError:
         return Path(name)  # falls through to the known-tower table, or a clear error
 
 
@@ -301,6 +297,11 @@ TEMPLATES = {
 }
 
 
+def template_for(raw: dict, folder: Path, text_type: str, override: str | None) -> str:
+    """The conversation template of an original-format checkpoint in `folder` (its name says which)."""
+    return pick_template(str(raw.get("_name_or_path") or folder.name) + " " + folder.name, text_type, override)
+
+
 def pick_template(name_hint: str, text_type: str, override: str | None) -> str:
     """The conversation template: `override`, else guessed from the model's name as the original CLI does."""
     if override is not None:
@@ -326,23 +327,23 @@ def load_parts(folder: Path, raw: dict, dtype, vision_tower: str | Path | None, 
     from .processing.prompt import load_tokenizer
     from .weights import load_model
 
-    vision, tower_processor, tower_folder = resolve_tower(raw, vision_tower, folder)
+    stored = tower_stored(folder)
+    vision, tower_processor, tower_folder = resolve_tower(raw, vision_tower, folder, stored)
     video_id = VIDEO_PLACEHOLDER_ID if family(raw) == "llava_onevision" else None
     hf = hf_config(raw, vision, IMAGE_PLACEHOLDER_ID, video_id)
     cfg = LlavaConfig.from_hf(hf)
     siglip_layers = cfg.vision.num_layers if cfg.vision.model_type == "siglip_vision_model" else None
     sources = [(folder, lambda k: weight_name(k, siglip_layers))]
-    if tower_folder is not None and not _tower_stored(folder):
+    if tower_folder is not None and not stored:
         sources.append((tower_folder, lambda k: tower_weight_name(k, siglip_layers)))
     model = load_model(folder, cfg, dtype, sources)
     tokenizer = load_tokenizer(folder)
-    name = str(raw.get("_name_or_path") or folder.name) + " " + folder.name
-    template = TEMPLATES[pick_template(name, cfg.text.model_type, conv_template)]
+    template = TEMPLATES[template_for(raw, folder, cfg.text.model_type, conv_template)]
     processor = Processor.build(tokenizer, image_processor_dict(raw, tower_processor), cfg, template, original=True)
     return cfg, model, processor
 
 
-def _tower_stored(folder: Path) -> bool:
+def tower_stored(folder: Path) -> bool:
     """Whether the checkpoint carries its own vision tower weights (lmms-lab does, liuhaotian does not)."""
     from safetensors import safe_open
 
