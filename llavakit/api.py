@@ -79,6 +79,12 @@ def _eos_ids(folder: Path, cfg: LlavaConfig, processor: Processor) -> set[int]:
     return {int(i) for i in ids}
 
 
+def _check_many(conversations: list[Any], method: str) -> None:
+    """A list of conversations, not one conversation (a list of messages) passed by mistake."""
+    if conversations and isinstance(conversations[0], dict):
+        raise PromptError(f"{method}() takes a list of conversations; wrap a single one in a list.")
+
+
 class VLM:
     """A loaded LLaVA model with its processor. Build it with `llavakit.load()`."""
 
@@ -105,8 +111,7 @@ class VLM:
     # -- inputs -------------------------------------------------------------------------------
     def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
         """Token ids (left-padded), attention mask and pixel values for a list of conversations."""
-        if conversations and isinstance(conversations[0], dict):
-            raise PromptError("prepare() takes a list of conversations; wrap a single one in a list.")
+        _check_many(conversations, "prepare")
         return self.processor.prepare(conversations, add_generation_prompt)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -162,8 +167,7 @@ class VLM:
             params = sampling
         else:
             params = [sampling or SamplingParams()] * len(conversations)
-        if conversations and isinstance(conversations[0], dict):
-            raise PromptError("generate() takes a list of conversations; wrap a single one in a list.")
+        _check_many(conversations, "generate")
         return self._run([self.processor.encode(c) for c in conversations], params)
 
     generate_many = generate

@@ -89,6 +89,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._closed = False  # set by stop(): the worker thread exits
         self._thread = threading.Thread(target=self._run, name="llavakit-engine", daemon=True)
         self._thread.start()
 
@@ -155,7 +156,7 @@ class AsyncEngine:
             self._wake.clear()
             while True:
                 with self._lock:
-                    if getattr(self, "_closed", False):
+                    if self._closed:
                         return
                     if not self.engine.has_unfinished():
                         break
