@@ -5,6 +5,8 @@
     llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
+    llavakit make-shapes --out DIR --n N [--n-test M] [--seed S]  the synthetic shapes world (train/test JSONL)
+    llavakit batch --input DIR|FILE --output out.jsonl [--resume] [--ray]  answer many requests offline
 """
 
 from __future__ import annotations
@@ -165,6 +167,49 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_make_shapes(args) -> int:
+    """Write the synthetic shapes world (pictures, clips, JSONL conversations) and print its counts."""
+    from .train.shapes import make_shapes
+
+    summary = make_shapes(Path(args.out), args.n, seed=args.seed, n_test=args.n_test, n_videos=args.n_videos,
+                          size=args.size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    """Answer every image of a folder, or every request of a JSONL/Parquet file, into a JSONL file."""
+    from .batch.inputs import JobConfig
+
+    job = JobConfig(prompt=args.prompt, prompt_field=args.prompt_field, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.ray:
+        from .batch.ray_job import run_ray
+
+        model = args.model or str(default_model_dir())
+        load_kwargs = dict(dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
+                           **({"device": args.device} if args.device else {}))
+        summary = run_ray(model, args.input, args.output, job, load_kwargs, resume=args.resume,
+                          overwrite=args.overwrite, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                          gpus_per_replica=args.gpus_per_replica, address=args.ray_address,
+                          max_batch_size=args.max_batch_size, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    else:
+        from .batch.local import run_local
+        from .batch.output import prepare_output
+
+        if not (args.resume or args.overwrite):
+            prepare_output(Path(args.output), False, False)  # refuse an existing output before loading the model
+        vlm = _load(args)
+        if args.device:
+            vlm.model.to(args.device)
+        summary = run_local(vlm, args.input, args.output, job, resume=args.resume, overwrite=args.overwrite,
+                            max_batch_size=args.max_batch_size, workers=args.workers, progress=not args.no_progress)
+    print(f"[llavakit] {summary.done} items ({summary.errors} errors) written to {args.output}"
+          + (f"; {summary.skipped} were already there" if summary.skipped else ""), file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="Run LLaVA-family vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,6 +297,41 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--remote-media-max-bytes", type=int, default=d.remote_media_max_bytes)
     srv.add_argument("--allowed-local-media-path", help="serve file:// media URLs from below this folder")
     srv.set_defaults(func=cmd_serve)
+
+    shp = sub.add_parser("make-shapes", help="write the synthetic shapes world used to train and test tiny models")
+    shp.add_argument("--out", required=True, help="folder for images/, videos/ and the JSONL files")
+    shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and one conversation each)")
+    shp.add_argument("--n-test", type=int, help="test questions, one per line (default max(700, n/10))")
+    shp.add_argument("--n-videos", type=int, help="train clips (default n/4)")
+    shp.add_argument("--size", type=int, default=96, help="canvas side in pixels (default 96)")
+    shp.add_argument("--seed", type=int, default=0)
+    shp.set_defaults(func=cmd_make_shapes)
+
+    bat = sub.add_parser("batch", help="answer a folder of images or a JSONL/Parquet file of requests offline")
+    model_args(bat)
+    bat.add_argument("--input", required=True, help="a folder of images/videos (recursive), a .jsonl or a .parquet file")
+    bat.add_argument("--output", required=True, help="JSONL file of results, one line per item (.parquet with --ray)")
+    bat.add_argument("--prompt", default="Describe the picture.",
+                     help="the question for folder inputs and for requests that carry none")
+    bat.add_argument("--prompt-field", default="prompt", help="the JSONL/Parquet field holding the question")
+    bat.add_argument("--max-new-tokens", type=int, default=256)
+    bat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    bat.add_argument("--top-p", type=float, default=1.0)
+    bat.add_argument("--top-k", type=int, default=0)
+    bat.add_argument("--seed", type=int, default=0, help="with each id, the seed of items that set none")
+    bat.add_argument("--resume", action="store_true", help="skip the ids already in the output and append")
+    bat.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    bat.add_argument("--device", help="cpu (default), cuda, cuda:1, ... (with --ray: cuda when --gpus-per-replica)")
+    bat.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per engine")
+    bat.add_argument("--workers", type=int, default=2, help="threads loading images ahead of the engine")
+    bat.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    bat.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'llavakit[ray]')")
+    bat.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001); default: start one")
+    bat.add_argument("--replicas", type=int, default=1, help="--ray: model replicas (actors)")
+    bat.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: CPUs per replica")
+    bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
+    bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
+    bat.set_defaults(func=cmd_batch)
     return p
 
 
