@@ -6,6 +6,10 @@
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
     llavakit make-shapes --out DIR --n N [--n-test M] [--seed S]  the synthetic shapes world (train/test JSONL)
+    llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
+    llavakit train --model DIR --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
+    llavakit merge-lora --model DIR --adapter DIR --out DIR      fold a LoRA adapter into a checkpoint
+    llavakit eval --model DIR --data test.jsonl                  exact-match accuracy per question type
     llavakit batch --input DIR|FILE --output out.jsonl [--resume] [--ray]  answer many requests offline
 """
 
@@ -210,6 +214,64 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    """Assemble a new checkpoint from a vision tower and a language model (folders or size specs)."""
+    from .train.assemble import init_checkpoint
+
+    out = init_checkpoint(Path(args.out), args.family, args.vision, args.text,
+                          corpus=[Path(c) for c in args.tokenizer_corpus], vocab_size=args.vocab_size,
+                          seed=args.seed, max_tiles=args.max_tiles)
+    import llavakit
+
+    info = llavakit.load(out, dtype="float32").info()
+    print(json.dumps({k: info[k] for k in ("folder", "model_type", "parameters", "text", "vision")}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train a checkpoint on a JSONL file (stage projector, full or lora)."""
+    from .train.loop import TrainConfig, train
+
+    cfg = TrainConfig(stage=args.stage, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
+                      bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+                      train_vision=args.train_vision, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                      lora_dropout=args.lora_dropout, save_every=args.save_every, eval_every=args.eval_every,
+                      keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data, seed=args.seed)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    resume = True if args.resume == "latest" else (Path(args.resume) if args.resume else False)
+    summary = train(args.model, Path(args.data), Path(args.out), cfg,
+                    eval_data=Path(args.eval_data) if args.eval_data else None, resume=resume,
+                    image_folder=Path(args.image_folder) if args.image_folder else None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    """Fold a LoRA adapter (PEFT format) into its base checkpoint."""
+    from .train.lora import merge_lora
+
+    print(merge_lora(args.model, Path(args.adapter), Path(args.out)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Exact-match accuracy per question type on a held-out JSONL file."""
+    from .train.evaluate import evaluate_file
+
+    vlm = _load(args)
+    result = evaluate_file(vlm, Path(args.data), limit=args.limit, max_new_tokens=args.max_new_tokens)
+    print(result.table())
+    if args.show_wrong:
+        for w in result.wrong[: args.show_wrong]:
+            print(json.dumps(w))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="Run LLaVA-family vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -332,6 +394,71 @@ def _parser() -> argparse.ArgumentParser:
     bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
     bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
     bat.set_defaults(func=cmd_batch)
+    ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
+    ini.add_argument("--family", required=True, choices=["llava", "llava_next", "llava_onevision"])
+    ini.add_argument("--vision", required=True,
+                     help="a CLIP/SigLIP folder, or a spec such as siglip:image_size=96,patch_size=16,hidden_size=128,"
+                          "num_hidden_layers=4,num_attention_heads=4,intermediate_size=512")
+    ini.add_argument("--text", required=True,
+                     help="a Llama/Mistral/Qwen2 folder, or a spec such as qwen2:hidden_size=256,num_hidden_layers=4,"
+                          "num_attention_heads=4,num_key_value_heads=2,intermediate_size=768")
+    ini.add_argument("--out", required=True)
+    ini.add_argument("--tokenizer-corpus", action="append", default=[],
+                     help="text spec: JSONL/text files to learn the vocabulary from (repeatable)")
+    ini.add_argument("--vocab-size", type=int, default=1000, help="text spec: vocabulary size at most")
+    ini.add_argument("--max-tiles", type=int, default=9, help="OneVision: anyres_max_N")
+    ini.add_argument("--seed", type=int, default=0)
+    ini.set_defaults(func=cmd_init)
+
+    from .train.loop import STAGES, TrainConfig
+
+    t = TrainConfig()
+    trn = sub.add_parser("train", help="visual instruction tuning on a JSONL file")
+    trn.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
+    trn.add_argument("--data", required=True, help="JSONL: LLaVA 'conversations' or HF 'messages' records")
+    trn.add_argument("--out", required=True, help="output folder (checkpoint-N folders and the final model)")
+    trn.add_argument("--stage", default=t.stage, choices=STAGES)
+    trn.add_argument("--eval-data", help="held-out JSONL: loss at --eval-every steps and at the end")
+    trn.add_argument("--image-folder", help="media paths are relative to this folder (default: the JSONL's)")
+    trn.add_argument("--epochs", type=float, default=t.epochs)
+    trn.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    trn.add_argument("--batch-size", type=int, default=t.batch_size, help="conversations per micro-batch")
+    trn.add_argument("--grad-accum", type=int, default=t.grad_accum, help="micro-batches per optimizer step")
+    trn.add_argument("--lr", type=float, default=t.lr)
+    trn.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
+    trn.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    trn.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm)
+    trn.add_argument("--max-length", type=int, default=t.max_length, help="tokens per conversation, images included")
+    trn.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights and optimizer)")
+    trn.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward: less memory")
+    trn.add_argument("--train-vision", action="store_true", help="stage full: train the vision tower too")
+    trn.add_argument("--lora-r", type=int, default=t.lora_r)
+    trn.add_argument("--lora-alpha", type=int, default=t.lora_alpha)
+    trn.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
+    trn.add_argument("--save-every", type=int, default=t.save_every, help="steps between checkpoints (0: end only)")
+    trn.add_argument("--eval-every", type=int, default=t.eval_every, help="steps between evaluations (0: end only)")
+    trn.add_argument("--keep-checkpoints", type=int, default=t.keep_checkpoints)
+    trn.add_argument("--on-bad-data", default=t.on_bad_data, choices=["fail", "skip"],
+                     help="a bad record (missing image, too long, marker count): stop (default) or skip it")
+    trn.add_argument("--resume", nargs="?", const="latest",
+                     help="continue from the newest checkpoint-N in --out, or from the folder given")
+    trn.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    trn.add_argument("--seed", type=int, default=t.seed)
+    trn.set_defaults(func=cmd_train)
+
+    mrg = sub.add_parser("merge-lora", help="fold a LoRA adapter (PEFT format) into a full checkpoint")
+    mrg.add_argument("--model", required=True, help="the base checkpoint the adapter was trained on")
+    mrg.add_argument("--adapter", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
+    mrg.add_argument("--out", required=True)
+    mrg.set_defaults(func=cmd_merge_lora)
+
+    evl = sub.add_parser("eval", help="exact-match accuracy per question type on a JSONL file")
+    model_args(evl)
+    evl.add_argument("--data", required=True, help="JSONL records; each record's last answer is the reference")
+    evl.add_argument("--limit", type=int, help="only the first N records")
+    evl.add_argument("--max-new-tokens", type=int, default=48)
+    evl.add_argument("--show-wrong", type=int, default=0, help="print up to N wrong answers")
+    evl.set_defaults(func=cmd_eval)
     return p
 
 

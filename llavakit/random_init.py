@@ -224,14 +224,17 @@ def make_random_checkpoint(out: Path, preset: str = "tiny", layers: int | None =
     return out
 
 
-def _write_processor(out: Path, kind: str, vision: dict, siglip: bool) -> None:
+def _write_processor(out: Path, kind: str, vision: dict, siglip: bool,
+                     pinpoints: list[list[int]] | None = None) -> None:
+    """preprocessor_config.json and processor_config.json for a family; pinpoints default to the published ones."""
     side = vision["image_size"]
     stats = ([0.5] * 3, [0.5] * 3) if siglip else (_CLIP_MEAN, _CLIP_STD)
     pre = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
            "image_mean": stats[0], "image_std": stats[1], "do_convert_rgb": True}
     if kind == "llava_onevision":
         pre.update(image_processor_type="LlavaOnevisionImageProcessor", size={"height": side, "width": side},
-                   do_center_crop=False, do_pad=True, image_grid_pinpoints=[list(x) for x in ONEVISION_PINPOINTS])
+                   do_center_crop=False, do_pad=True,
+                   image_grid_pinpoints=pinpoints or [list(x) for x in ONEVISION_PINPOINTS])
         proc = {"processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
                 "num_image_tokens": (side // vision["patch_size"]) ** 2, "vision_feature_select_strategy": "full",
                 "vision_aspect_ratio": "anyres_max_9"}
@@ -239,7 +242,7 @@ def _write_processor(out: Path, kind: str, vision: dict, siglip: bool) -> None:
         pre.update(image_processor_type="LlavaNextImageProcessor" if kind == "llava_next" else "CLIPImageProcessor",
                    size={"shortest_edge": side}, do_center_crop=True, crop_size={"height": side, "width": side})
         if kind == "llava_next":
-            pre.update(do_pad=True, image_grid_pinpoints=[list(x) for x in NEXT_PINPOINTS])
+            pre.update(do_pad=True, image_grid_pinpoints=pinpoints or [list(x) for x in NEXT_PINPOINTS])
         proc = {"processor_class": "LlavaNextProcessor" if kind == "llava_next" else "LlavaProcessor",
                 "image_token": "<image>", "patch_size": vision["patch_size"],
                 "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}

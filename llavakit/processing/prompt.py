@@ -7,6 +7,8 @@ OpenAI-style `{"type": "image_url", "image_url": {"url": ...}}` is accepted too.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 from dataclasses import dataclass
@@ -182,10 +184,16 @@ def load_chat_template(folder: Path) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """Templates are compiled once: compiling costs far more than rendering a conversation."""
+    return _ENV.from_string(template)
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str]) -> str:
     """Render a chat template exactly as transformers' apply_chat_template does."""
     try:
-        compiled = _ENV.from_string(template)
+        compiled = _compiled(template)
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **tokens)
     except jinja2.exceptions.TemplateError as e:

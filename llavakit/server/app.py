@@ -4,6 +4,7 @@
     GET  /v1/models             the one model served
     GET  /health                200 while serving, 503 while shutting down
     GET  /metrics               Prometheus text format
+    GET  /                      the web chat page (static/index.html; its assets under /static/)
 
 `create_app(engine, config)` takes a running `AsyncEngine`; the app stops it on shutdown (after
 uvicorn has let in-flight requests finish, see `run.py`).
@@ -14,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .completions import ChatService, ClientDisconnected, Stream
@@ -27,6 +30,11 @@ from .protocol import parse_request
 
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 _PARSE_INLINE_BYTES = 256 << 10
+_STATIC = Path(__file__).parent / "static"
+# The page loads nothing but its own files; attachments are previewed from data: and blob: URLs.
+_PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Content-Security-Policy": (
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
 
 
 def error_response(err: APIError, retry_after: int) -> JSONResponse:
@@ -178,7 +186,8 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
         vlm = engine.vlm
         return {"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "llavakit",
-            "root": str(vlm.folder), "max_model_len": service.context, "model_type": vlm.config.model_type}]}
+            "root": str(vlm.folder), "max_model_len": service.context, "model_type": vlm.config.model_type,
+            "input_modalities": ["text", "image"] + (["video"] if service.takes_video else [])}]}
 
     @app.get("/health")
     async def health():
@@ -193,4 +202,10 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
         """Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def page():
+        """The web chat page; it talks only to this server's API."""
+        return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
     return app

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import LlavakitError
+from .evaluate import normalize_answer  # noqa: F401  (re-exported: the evaluator's comparison)
 
 QUESTION_TYPES = ("shapes", "color", "count", "position", "caption", "compare", "motion")
 IMAGE_TYPES = QUESTION_TYPES[:5]  # the types one picture can answer; multi-turn lines mix these
@@ -258,12 +259,6 @@ def render_motion(path: Path, background: str, track: list[Shape], size: int, no
 
 
 # ---- language ---------------------------------------------------------------------------------
-
-def normalize_answer(text: str) -> str:
-    """An answer as the evaluator compares it: lowercase, no surrounding space, no trailing period."""
-    text = text.strip().lower()
-    return text[:-1].rstrip() if text.endswith(".") else text
-
 
 def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"

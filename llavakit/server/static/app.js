@@ -1,0 +1,404 @@
+// The llavakit chat page. It talks only to this server's OpenAI-compatible API:
+//   GET /v1/models             model name, family, context length, whether it takes video
+//   POST /v1/chat/completions  the whole conversation each turn, streamed (SSE) with usage
+// Every model and user string reaches the page through textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  model: $("model"), clear: $("clear"), log: $("log"), empty: $("empty"), notice: $("notice"),
+  form: $("composer"), attachments: $("attachments"), files: $("files"), attachLabel: $("attach-label"),
+  prompt: $("prompt"), send: $("send"), stop: $("stop"), drop: $("drop"),
+  temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"),
+};
+const FAMILIES = { llava: "LLaVA-1.5", llava_next: "LLaVA-NeXT", llava_onevision: "LLaVA-OneVision" };
+const MIME = {
+  png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
+  bmp: "image/bmp", tif: "image/tiff", tiff: "image/tiff", mp4: "video/mp4", webm: "video/webm",
+  mov: "video/quicktime", mkv: "video/x-matroska", avi: "video/x-msvideo",
+};
+
+const state = {
+  model: null,      // the /v1/models card
+  video: false,     // the model takes video_url parts
+  pending: [],      // attachments of the message being written: {kind, name, url}
+  exchanges: [],    // {text, media, answer, status, error, stats, el: {...}}
+  controller: null, // AbortController of the answer being streamed
+};
+
+// ───────────────────────────── small helpers ─────────────────────────────
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "class") node.className = value;
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+let noticeTimer = 0;
+function notice(text) {
+  ui.notice.textContent = text;
+  clearTimeout(noticeTimer);
+  if (text) noticeTimer = setTimeout(() => { ui.notice.textContent = ""; }, 8000);
+}
+
+function nearBottom() {
+  return ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 80;
+}
+
+function scrollDown(force) {
+  if (force || nearBottom()) ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+function readDataURL(file, mime) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).replace(/^data:[^;,]*/, "data:" + mime));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function thumb(item) {
+  const label = `${item.kind === "video" ? "Video" : "Image"}: ${item.name}`;
+  if (item.kind === "video") return el("video", { src: item.url, muted: true, preload: "metadata", title: label, "aria-label": label });
+  return el("img", { src: item.url, alt: label, title: item.name });
+}
+
+// ───────────────────────────── the model ─────────────────────────────
+
+async function loadModel() {
+  try {
+    const res = await fetch("/v1/models");
+    if (!res.ok) throw new Error(await errorText(res));
+    const card = (await res.json()).data[0];
+    state.model = card;
+    state.video = (card.input_modalities || []).includes("video");
+    const family = FAMILIES[card.model_type] || card.model_type || "unknown family";
+    const parts = [card.id, family];
+    if (card.max_model_len) parts.push(`context ${card.max_model_len} tokens`);
+    ui.model.textContent = parts.join(" · ");
+    if (card.max_model_len) ui.maxTokens.max = card.max_model_len;
+    if (state.video) {
+      ui.files.accept = "image/*,video/*";
+      ui.attachLabel.textContent = "Add image or video";
+    }
+  } catch (e) {
+    ui.model.textContent = `Could not read the model from /v1/models: ${e.message}`;
+  }
+}
+
+// ───────────────────────────── attachments ─────────────────────────────
+
+async function addFiles(files) {
+  for (const file of files) {
+    const ext = (file.name || "").split(".").pop().toLowerCase();
+    const mime = file.type || MIME[ext] || "";
+    const kind = mime.startsWith("image/") ? "image" : mime.startsWith("video/") ? "video" : null;
+    const name = file.name || `pasted ${kind || "file"}`;
+    if (!kind) { notice(`${name} is not an image or a video.`); continue; }
+    if (kind === "video" && !state.video) { notice(`${name}: this model takes images only, not video.`); continue; }
+    if (kind === "video" && state.pending.some((a) => a.kind === "video")) {
+      notice("Attach at most one video per message."); continue;
+    }
+    try {
+      state.pending.push({ kind, name, url: await readDataURL(file, mime) });
+    } catch (e) {
+      notice(`Could not read ${name}: ${e.message}`);
+    }
+  }
+  renderPending();
+}
+
+function renderPending() {
+  ui.attachments.replaceChildren(...state.pending.map((item, i) => {
+    const remove = el("button", { type: "button", class: "remove", textContent: "×", title: "Remove",
+      "aria-label": `Remove ${item.name}` });
+    remove.addEventListener("click", () => {
+      state.pending.splice(i, 1);
+      renderPending();
+      const next = ui.attachments.querySelector(".remove");
+      (next || ui.prompt).focus();
+    });
+    return el("li", {}, thumb(item), remove);
+  }));
+}
+
+// ───────────────────────────── the conversation ─────────────────────────────
+
+function content(ex) {
+  if (!ex.media.length) return ex.text;
+  const parts = ex.media.map((m) => (m.kind === "image"
+    ? { type: "image_url", image_url: { url: m.url } }
+    : { type: "video_url", video_url: { url: m.url } }));
+  if (ex.text) parts.push({ type: "text", text: ex.text });
+  return parts;
+}
+
+// Every earlier turn that got an answer (failed turns are left out), then the turn being asked.
+function messages(current) {
+  const out = [];
+  for (const ex of state.exchanges) {
+    if (ex === current) break;
+    if (ex.status === "error") continue;
+    out.push({ role: "user", content: content(ex) }, { role: "assistant", content: ex.answer });
+  }
+  out.push({ role: "user", content: content(current) });
+  return out;
+}
+
+function settings() {
+  const out = {};
+  const temperature = parseFloat(ui.temperature.value);
+  const topP = parseFloat(ui.topP.value);
+  const maxTokens = parseInt(ui.maxTokens.value, 10);
+  if (Number.isFinite(temperature)) out.temperature = temperature;
+  if (Number.isFinite(topP)) out.top_p = topP;
+  if (Number.isFinite(maxTokens)) out.max_tokens = maxTokens;
+  return out;
+}
+
+function renderExchange(ex) {
+  const user = el("div", { class: "msg user" }, el("span", { class: "who", textContent: "You" }));
+  if (ex.media.length) user.append(el("ul", { class: "media", "aria-label": "Attachments" },
+    ...ex.media.map((m) => el("li", {}, thumb(m)))));
+  user.append(el("p", { class: "text", textContent: ex.text }));
+  ex.el = {
+    answer: el("p", { class: "text answer" }),
+    error: el("p", { class: "error", role: "alert", hidden: true }),
+    stats: el("p", { class: "stats" }),
+    actions: el("div", { class: "actions" }),
+  };
+  ex.el.box = el("div", { class: "msg assistant" }, el("span", { class: "who", textContent: "Model" }),
+    ex.el.answer, ex.el.error, ex.el.stats, ex.el.actions);
+  ex.el.root = el("article", { class: "exchange" }, user, ex.el.box);
+  ui.empty.hidden = true;
+  ui.log.append(ex.el.root);
+  scrollDown(true);
+}
+
+function renderAnswer(ex) {
+  ex.el.answer.textContent = ex.answer;
+  ex.el.box.classList.toggle("streaming", ex.status === "streaming");
+  ex.el.box.dataset.status = ex.status;
+  ex.el.error.hidden = !ex.error;
+  ex.el.error.textContent = ex.error ? `Error: ${ex.error}` : "";
+  ex.el.stats.textContent = ex.stats || "";
+}
+
+function renderActions() {
+  const last = state.exchanges[state.exchanges.length - 1];
+  for (const ex of state.exchanges) {
+    ex.el.actions.replaceChildren();
+    if (ex !== last || state.controller) continue;
+    const again = el("button", { type: "button", class: "secondary regenerate",
+      textContent: ex.status === "error" ? "Retry" : "Regenerate" });
+    again.addEventListener("click", () => ask(ex));
+    const edit = el("button", { type: "button", class: "secondary edit", textContent: "Edit" });
+    edit.addEventListener("click", () => editLast(ex));
+    ex.el.actions.append(again, edit);
+  }
+}
+
+// Shows the answer so far, once per frame: a fast model sends hundreds of tokens a second, and
+// laying the page out for each would starve the page's input handling (the Stop button).
+let painting = null;
+function paint(ex) {
+  if (!painting) {
+    requestAnimationFrame(() => {
+      const follow = nearBottom();
+      painting.el.answer.textContent = painting.answer;
+      painting = null;
+      scrollDown(follow);
+    });
+  }
+  painting = ex;
+}
+
+function setBusy(busy) {
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+  ui.log.setAttribute("aria-busy", String(busy));
+}
+
+// Takes the last turn back into the composer, to be changed and sent again.
+function editLast(ex) {
+  state.exchanges.pop();
+  ex.el.root.remove();
+  ui.empty.hidden = state.exchanges.length > 0;
+  ui.prompt.value = ex.text;
+  state.pending = ex.media.concat(state.pending);
+  renderPending();
+  renderActions();
+  ui.prompt.focus();
+}
+
+function clearConversation() {
+  if (state.controller) state.controller.abort();
+  state.exchanges = [];
+  ui.log.replaceChildren(ui.empty);
+  ui.empty.hidden = false;
+  notice("");
+  ui.prompt.focus();
+}
+
+function send() {
+  if (state.controller) return;
+  const text = ui.prompt.value.trim();
+  if (!text && !state.pending.length) { ui.prompt.focus(); return; }
+  if (document.activeElement === ui.send) ui.prompt.focus(); // Send hides while the answer streams
+  const ex = { text, media: state.pending, answer: "", status: "", error: null, stats: null, el: null };
+  state.pending = [];
+  ui.prompt.value = "";
+  renderPending();
+  state.exchanges.push(ex);
+  renderExchange(ex);
+  ask(ex);
+}
+
+// ───────────────────────────── talking to the server ─────────────────────────────
+
+async function errorText(res) {
+  let message = "";
+  try {
+    const body = await res.text();
+    try { message = JSON.parse(body).error.message; } catch { message = body.slice(0, 500); }
+  } catch { /* the body could not be read */ }
+  let text = `${res.status} ${res.statusText}`.trim() + (message ? `: ${message}` : "");
+  const retry = res.headers.get("Retry-After");
+  if (res.status === 429 || res.status === 503) text += retry ? ` (retry in ${retry} s)` : "";
+  return text;
+}
+
+function formatStats(usage, t0, tFirst, tLast, stopped) {
+  const parts = [];
+  if (usage) parts.push(`${usage.prompt_tokens} prompt tokens`, `${usage.completion_tokens} completion tokens`);
+  if (tFirst !== null) {
+    const n = usage ? usage.completion_tokens : 0;
+    // Decoding speed between the first and last token; a short answer can arrive in one network
+    // read, so below 50 ms it is the whole request's rate instead.
+    const rate = tLast - tFirst >= 50 ? (n - 1) / ((tLast - tFirst) / 1000) : n / ((tLast - t0) / 1000);
+    if (n > 0) parts.push(`${rate.toFixed(1)} tokens/s`);
+    parts.push(`time to first token ${((tFirst - t0) / 1000).toFixed(2)} s`);
+  }
+  if (stopped) parts.unshift("stopped");
+  return parts.join(" · ");
+}
+
+// Streams the answer to `ex` (its earlier answer, if any, is replaced: Regenerate and Retry).
+async function ask(ex) {
+  if (state.controller) return;
+  const controller = new AbortController();
+  state.controller = controller;
+  Object.assign(ex, { answer: "", status: "streaming", error: null, stats: null });
+  setBusy(true);
+  renderAnswer(ex);
+  renderActions();
+  const body = {
+    model: state.model ? state.model.id : "", messages: messages(ex), stream: true,
+    stream_options: { include_usage: true }, ...settings(),
+  };
+  const t0 = performance.now();
+  let tFirst = null, tLast = null, usage = null;
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!res.ok) throw new Error(await errorText(res));
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    read: for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error("the server closed the connection before the answer was complete.");
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
+        if (!data) continue;
+        if (data === "[DONE]") break read;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
+        if (chunk.usage) usage = chunk.usage;
+        const piece = chunk.choices?.[0]?.delta?.content;
+        if (piece) {
+          tLast = performance.now();
+          if (tFirst === null) tFirst = tLast;
+          ex.answer += piece;
+          paint(ex);
+        }
+      }
+    }
+    ex.status = "done";
+  } catch (e) {
+    if (controller.signal.aborted) {
+      ex.status = "stopped";
+    } else {
+      ex.status = "error";
+      ex.error = e instanceof TypeError ? `could not reach the server (${e.message}).` : e.message;
+    }
+  } finally {
+    if (ex.status !== "error") ex.stats = formatStats(usage, t0, tFirst, tLast, ex.status === "stopped");
+    state.controller = null;
+    if (document.activeElement === ui.stop) ui.prompt.focus(); // Stop hides now
+    setBusy(false);
+    if (state.exchanges.includes(ex)) {
+      renderAnswer(ex);
+      renderActions();
+      scrollDown(false);
+    }
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+  ui.prompt.focus();
+}
+
+// ───────────────────────────── wiring ─────────────────────────────
+
+ui.form.addEventListener("submit", (e) => { e.preventDefault(); send(); });
+ui.prompt.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && state.controller) { e.preventDefault(); stop(); }
+});
+ui.stop.addEventListener("click", stop);
+ui.clear.addEventListener("click", clearConversation);
+ui.files.addEventListener("change", async () => {
+  await addFiles([...ui.files.files]);
+  ui.files.value = "";
+});
+document.addEventListener("paste", (e) => {
+  const files = e.clipboardData ? [...e.clipboardData.files] : [];
+  if (files.length) { e.preventDefault(); addFiles(files); }
+});
+
+let dragDepth = 0;
+const carriesFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+document.addEventListener("dragenter", (e) => {
+  if (!carriesFiles(e)) return;
+  dragDepth += 1;
+  ui.drop.hidden = false;
+});
+document.addEventListener("dragover", (e) => { if (carriesFiles(e)) e.preventDefault(); });
+document.addEventListener("dragleave", () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) ui.drop.hidden = true;
+});
+document.addEventListener("drop", (e) => {
+  dragDepth = 0;
+  ui.drop.hidden = true;
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  addFiles([...e.dataTransfer.files]);
+});
+
+loadModel();

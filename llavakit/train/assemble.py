@@ -1,0 +1,275 @@
+"""`llavakit init`: a new LLaVA checkpoint from a vision tower and a language model, plus a fresh projector.
+
+    vision: a CLIP/SigLIP folder (CLIPVisionModel, CLIPModel, SiglipModel...) or a spec "siglip:hidden_size=128,..."
+    text:   a Llama/Mistral/Qwen2 folder (…ForCausalLM with its tokenizer) or a spec "qwen2:hidden_size=256,..."
+      ─► config.json of the family (llava, llava_next, llava_onevision), <image>/<video> added to the tokenizer,
+         embeddings grown for them (new rows = mean of the old), random projector and image newline,
+         processor files and chat template ─► an HF checkpoint folder that llavakit and transformers load.
+
+A spec gives HF config keys (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+num_key_value_heads, image_size, patch_size...); its weights are random (normal, std 0.02) and a spec
+language model gets a byte-level BPE tokenizer trained on `corpus` (JSONL training files or text files).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+from ..config import LlavaConfig
+from ..errors import ConfigError
+from ..model.llava import LlavaModel
+from ..processing.prompt import DEFAULT_TEMPLATES, load_chat_template
+from ..random_init import _write_processor
+from ..weights import read_tensors, save_weights
+
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+_VISION = {
+    "clip": dict(model_type="clip_vision_model", hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3),
+    "siglip": dict(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                   num_channels=3, vision_use_head=False),
+}
+_TEXT = {
+    "llama": dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=4096, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1000000.0,
+                    max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False),
+}
+_INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_key_value_heads",
+             "image_size", "patch_size", "max_position_embeddings", "head_dim", "sliding_window"}
+_ARCH = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+         "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+
+
+def parse_spec(spec: str, kinds: dict) -> dict:
+    """"siglip:hidden_size=128,num_hidden_layers=4" → a config dict on top of the kind's defaults."""
+    kind, _, rest = spec.partition(":")
+    if kind not in kinds:
+        raise ConfigError(f"unknown model spec kind {kind!r} in {spec!r}; expected a folder or one of "
+                          f"{', '.join(kinds)} followed by ':key=value,...'.")
+    out = dict(kinds[kind])
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"spec item {item!r} must be key=value.")
+        key = key.strip()
+        if key in _INT_KEYS:
+            out[key] = int(value)
+        elif value in ("true", "false"):
+            out[key] = value == "true"
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _is_folder(value: str) -> bool:
+    return Path(value).is_dir()
+
+
+def _vision_part(value: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Vision config and weights under llavakit names (empty for a spec)."""
+    if not _is_folder(value):
+        cfg = parse_spec(value, _VISION)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                    "patch_size"):
+            if key not in cfg:
+                raise ConfigError(f"the vision spec needs {key}=...")
+        return cfg, {}
+    folder = Path(value)
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = dict(raw.get("vision_config", raw))
+    if cfg.get("model_type") in ("clip", "siglip", None):
+        cfg["model_type"] = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(
+            raw.get("model_type"), cfg.get("model_type"))
+    if cfg.get("model_type") not in ("clip_vision_model", "siglip_vision_model"):
+        raise ConfigError(f"{folder} is not a CLIP or SigLIP checkpoint (model_type {raw.get('model_type')!r}).")
+    weights = {"vision_tower." + k[len("vision_model."):]: t for k, t in read_tensors(folder)
+               if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+    return cfg, weights
+
+
+def _text_part(value: str) -> tuple[dict, dict[str, torch.Tensor], Path | None]:
+    """Text config, weights under llavakit names, and the folder holding its tokenizer (None for a spec)."""
+    if not _is_folder(value):
+        cfg = parse_spec(value, _TEXT)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if key not in cfg:
+                raise ConfigError(f"the text spec needs {key}=...")
+        return cfg, {}, None
+    folder = Path(value)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") not in _TEXT:
+        raise ConfigError(f"{folder} is not a Llama, Mistral or Qwen2 checkpoint (model_type {cfg.get('model_type')!r}).")
+    weights = {}
+    for k, t in read_tensors(folder):
+        if k.startswith("model."):
+            weights["language_model." + k[len("model."):]] = t
+        elif k.startswith("lm_head."):
+            weights[k] = t
+    return cfg, weights, folder
+
+
+def _corpus_texts(paths: list[Path]) -> list[str]:
+    """Every string value of JSONL records (questions, answers), or the lines of a text file."""
+    texts = [string.printable]
+
+    def walk(x):
+        if isinstance(x, str):
+            texts.append(x)
+        elif isinstance(x, list):
+            for y in x:
+                walk(y)
+        elif isinstance(x, dict):
+            for k, y in x.items():
+                if k in ("value", "text", "content", "conversations", "messages"):
+                    walk(y)
+
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if path.suffix == ".jsonl" and line.strip():
+                walk(json.loads(line))
+            else:
+                texts.append(line)
+    return texts
+
+
+def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
+    """A byte-level BPE tokenizer learned from the corpus; special tokens first, as the family has them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if kind == "qwen2":
+        specials, tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], dict(
+            eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
+    else:
+        specials, tokens = ["<unk>", "<s>", "</s>"], dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                          pad_token=None)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus_texts(corpus), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if tokens["bos_token"]:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    return tok, tokens
+
+
+def _pinpoints(family: str, side: int) -> list[list[int]] | None:
+    if family == "llava":
+        return None
+    if family == "llava_next":  # the published NeXT grids: 2x1, 1x2, 2x2, 3x1, 1x3 tiles
+        grids = [(2, 1), (1, 2), (2, 2), (3, 1), (1, 3)]
+    else:  # OneVision: every grid up to 6x6
+        grids = [(r, c) for r in range(1, 7) for c in range(1, 7)]
+    return [[side * r, side * c] for r, c in grids]
+
+
+def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list[Path] = (),
+                    vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9) -> Path:
+    """Assemble a new checkpoint folder (see the module docstring); returns `out`."""
+    from tokenizers import AddedToken, Tokenizer
+
+    if family not in FAMILIES:
+        raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    vision_cfg, vision_w = _vision_part(vision)
+    text_cfg, text_w, text_dir = _text_part(text)
+    kind = text_cfg["model_type"]
+    if text_dir is None:
+        if not corpus:
+            raise ConfigError("a text spec needs --tokenizer-corpus (JSONL or text files) to learn a vocabulary from.")
+        tok, tokens = _new_tokenizer(kind, list(corpus), vocab_size)
+        template = DEFAULT_TEMPLATES[kind]
+    else:
+        tok = Tokenizer.from_file(str(text_dir / "tokenizer.json"))
+        tk_cfg = json.loads((text_dir / "tokenizer_config.json").read_text())
+        tokens = {k: tk_cfg.get(k) if isinstance(tk_cfg.get(k), (str, type(None))) else tk_cfg[k].get("content")
+                  for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        template = load_chat_template(text_dir) or DEFAULT_TEMPLATES[kind]
+    placeholders = ["<image>"] + (["<video>"] if family == "llava_onevision" else [])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in placeholders])
+    old_vocab = text_cfg.get("vocab_size", 0)
+    text_cfg["vocab_size"] = max(tok.get_vocab_size(), old_vocab)
+    ids = {t: tok.token_to_id(t) for t in placeholders}
+    for name in ("bos", "eos", "pad"):
+        token = tokens.get(f"{name}_token")
+        text_cfg[f"{name}_token_id"] = tok.token_to_id(token) if token else None
+    if text_cfg.get("pad_token_id") is None:
+        text_cfg["pad_token_id"] = text_cfg["eos_token_id"]
+        tokens["pad_token"] = tokens["eos_token"]
+
+    siglip = vision_cfg["model_type"] == "siglip_vision_model"
+    side = int(vision_cfg["image_size"])
+    config = {
+        "architectures": [_ARCH[family]], "model_type": family, "dtype": "float32",
+        "image_token_index": ids["<image>"], "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
+        "vision_feature_layer": -1 if siglip else -2, "vision_feature_select_strategy": "full" if siglip else "default",
+        "text_config": text_cfg, "vision_config": vision_cfg,
+    }
+    pins = _pinpoints(family, side)
+    if pins:
+        config["image_grid_pinpoints"] = pins
+    if family == "llava_onevision":
+        config.update(vision_aspect_ratio=f"anyres_max_{max_tiles}", video_token_index=ids["<video>"])
+    cfg = LlavaConfig.from_hf(config)
+
+    torch.manual_seed(seed)
+    model = LlavaModel(cfg)
+    _init_random(model, text_cfg["hidden_size"])
+    state = model.state_dict()
+    for name, t in {**vision_w, **text_w}.items():
+        if name not in state:
+            continue  # e.g. CLIP's post_layernorm when the tower does not keep it
+        if name in ("language_model.embed_tokens.weight", "lm_head.weight") and t.shape[0] < state[name].shape[0]:
+            grown = t.float().mean(0, keepdim=True).expand(state[name].shape[0] - t.shape[0], -1)
+            t = torch.cat([t.float(), grown])  # new tokens start at the mean embedding
+        if tuple(t.shape) != tuple(state[name].shape):
+            raise ConfigError(f"{name}: the source has shape {tuple(t.shape)}, the assembled model {tuple(state[name].shape)}.")
+        state[name].copy_(t.float())
+    model.tie_weights()
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out)
+    tok.save(str(out / "tokenizer.json"))
+    _write(out / "config.json", config)
+    _write(out / "generation_config.json", {k: text_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                            if text_cfg.get(k) is not None})
+    _write(out / "tokenizer_config.json", {**{k: v for k, v in tokens.items() if v}, "padding_side": "left",
+                                           "tokenizer_class": "PreTrainedTokenizerFast",
+                                           "model_max_length": text_cfg.get("max_position_embeddings", 4096)})
+    _write_processor(out, family, vision_cfg, siglip, pins)
+    if family == "llava_onevision":
+        proc = json.loads((out / "processor_config.json").read_text())
+        _write(out / "processor_config.json", {**proc, "vision_aspect_ratio": f"anyres_max_{max_tiles}"})
+    _write(out / "chat_template.json", {"chat_template": template})
+    return out
+
+
+def _init_random(model: LlavaModel, width: int) -> None:
+    """transformers' initialisation: normal(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "image_newline":
+                p.normal_(0.0, width**-0.5)  # as LLaVA-NeXT: a random direction of the embedding's scale
+            elif name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

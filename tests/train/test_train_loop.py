@@ -1,0 +1,198 @@
+"""The training loop end to end on a tiny model: stages, loss going down, resume, LoRA, bad data, init."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import llavakit
+from llavakit.cli import main
+from llavakit.train import lora
+from llavakit.train.assemble import init_checkpoint
+from llavakit.train.loop import TrainConfig, TrainError, train
+
+VISION = "siglip:image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+TEXT = ("qwen2:hidden_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
+        "intermediate_size=128,max_position_embeddings=1024")
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+
+
+def _write_data(folder: Path, n: int = 12) -> Path:
+    """A tiny dataset: plain-colour pictures and their colour, in the LLaVA format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        name = list(COLORS)[i % 3]
+        Image.new("RGB", (32 + 8 * (i % 2), 32), COLORS[name]).save(folder / f"{i}.png")
+        lines.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": name},
+            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "yes"}]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    data = _write_data(root / "data")
+    model = init_checkpoint(root / "init", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300, seed=0)
+    return model, data
+
+
+def _quiet(*_):
+    pass
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_init_makes_a_checkpoint_transformers_loads(base):
+    model, _ = base
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    vlm = llavakit.load(model, dtype="float32")
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    batch = vlm.prepare([[{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 32), "red")},
+                                                       {"type": "text", "text": "What colour is the picture?"}]}]])
+    from reference import onevision_reference_processor
+
+    proc = onevision_reference_processor(model)
+    conv = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 32), "red")},
+                                         {"type": "text", "text": "What colour is the picture?"}]}]
+    ref_in = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    assert ref_in["input_ids"].tolist() == batch.input_ids.tolist()
+    with torch.no_grad():
+        want = ref(**ref_in).logits
+    assert float((vlm.forward(batch) - want).abs().max()) <= 1e-4
+    tok = json.loads((model / "tokenizer.json").read_text())
+    assert {"<image>", "<video>", "<|im_end|>"} <= {t["content"] for t in tok["added_tokens"]}
+
+
+def test_stages_train_what_they_should_and_the_loss_falls(base, tmp_path):
+    model, data = base
+    before = _weights(model)
+    cfg = TrainConfig(stage="projector", max_steps=3, batch_size=4, lr=1e-3, seed=0)
+    train(model, data, tmp_path / "p", cfg, log=_quiet, progress=False)
+    after = _weights(tmp_path / "p")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("multi_modal_projector" in k or "image_newline" in k for k in changed)
+
+    cfg = TrainConfig(stage="full", train_vision=True, max_steps=40, batch_size=6, lr=3e-3, warmup_ratio=0.1, seed=0)
+    summary = train(model, data, tmp_path / "f", cfg, eval_data=data, log=_quiet, progress=False)
+    after = _weights(tmp_path / "f")
+    assert any("vision_tower" in k and not torch.equal(before[k], after[k]) for k in before)
+    assert summary["eval_loss"] < 0.5 * summary["first_loss"]  # it learned the fixed data
+    vlm = llavakit.load(tmp_path / "f", dtype="float32")
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(data.parent / "1.png")},
+                                         {"type": "text", "text": "What colour is the picture?"}]}]
+    assert vlm.chat(conv, max_new_tokens=5).text == "blue"
+
+
+def test_resume_reaches_the_same_weights(base, tmp_path):
+    model, data = base
+    cfg = TrainConfig(stage="full", max_steps=6, batch_size=3, grad_accum=2, lr=1e-3, save_every=3, seed=1)
+    train(model, data, tmp_path / "straight", cfg, log=_quiet, progress=False)
+    # The same run stopped after its step-3 checkpoint, then resumed.
+    stopped = TrainConfig(**{**cfg.__dict__})
+    train(model, data, tmp_path / "resumed", TrainConfig(**{**cfg.__dict__, "max_steps": 6}), log=_quiet,
+          progress=False)  # writes checkpoint-3 and the end
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed")
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    summary = train(model, data, tmp_path / "resumed", stopped, resume=True, log=_quiet, progress=False)
+    assert summary["steps"] == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainError, match="other options"):
+        train(model, data, tmp_path / "resumed", TrainConfig(**{**cfg.__dict__, "lr": 5e-4}),
+              resume=tmp_path / "straight" / "checkpoint-3", log=_quiet, progress=False)
+
+
+def test_lora_save_merge_load_equals_the_live_adapter(base, tmp_path):
+    model, data = base
+    cfg = TrainConfig(stage="lora", max_steps=5, batch_size=4, lr=5e-3, lora_r=4, lora_alpha=8, seed=0)
+    train(model, data, tmp_path / "adapter", cfg, log=_quiet, progress=False)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in saved
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+
+    live = llavakit.load(model, dtype="float32")
+    lora.apply_adapter(live.model, tmp_path / "adapter")
+    assert main(["merge-lora", "--model", str(model), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = llavakit.load(tmp_path / "merged", dtype="float32")
+    conv = [[{"role": "user", "content": [{"type": "image", "image": str(data.parent / "0.png")},
+                                          {"type": "text", "text": "What colour is the picture?"}]}]]
+    want, got = live.forward(live.prepare(conv)), merged.forward(merged.prepare(conv))
+    plain = llavakit.load(model, dtype="float32")
+    assert float((got - want).abs().max()) <= 1e-4
+    assert float((plain.forward(plain.prepare(conv)) - want).abs().max()) > 1e-3  # the adapter does something
+
+
+def test_peft_loads_the_adapter(base, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model, data = base
+    train(model, data, tmp_path / "adapter", TrainConfig(stage="lora", max_steps=3, batch_size=4, lr=5e-3, seed=0),
+          log=_quiet, progress=False)
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    live = llavakit.load(model, dtype="float32")
+    lora.apply_adapter(live.model, tmp_path / "adapter")
+    conv = [{"role": "user", "content": [{"type": "text", "text": "What colour is the picture?"}]}]
+    batch = live.prepare([conv])
+    with torch.no_grad():
+        want = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert float((live.forward(batch) - want).abs().max()) <= 1e-4
+
+
+def test_bad_records_are_reported_by_line(base, tmp_path):
+    model, data = base
+    lines = data.read_text().splitlines()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    bad = [
+        json.dumps({"image": "missing.png", "conversations": json.loads(lines[0])["conversations"]}),
+        "{not json",
+        json.dumps({"image": str(broken), "conversations": json.loads(lines[0])["conversations"]}),
+        json.dumps({"image": ["0.png", "1.png"], "conversations": json.loads(lines[0])["conversations"]}),
+    ]
+    path = data.parent / "mixed.jsonl"
+    path.write_text("\n".join(lines[:4] + bad) + "\n")
+    messages = []
+    with pytest.raises(TrainError, match="4 bad record"):
+        train(model, path, tmp_path / "x", TrainConfig(max_steps=1, batch_size=2), log=messages.append, progress=False)
+    text = "\n".join(messages)
+    assert "mixed.jsonl line 5" in text and "missing.png" in text
+    assert "line 6" in text and "line 7" in text and "cannot be read" in text
+    assert "line 8" in text and "1 <image> marker(s) but the record lists 2" in text
+    messages.clear()
+    summary = train(model, path, tmp_path / "y", TrainConfig(max_steps=1, batch_size=2, on_bad_data="skip"),
+                    log=messages.append, progress=False)
+    assert summary["steps"] == 1 and any("skipping 4 bad record(s), training on 4" in m for m in messages)
+
+
+def test_cli_train_and_eval(base, tmp_path, capsys):
+    model, data = base
+    assert main(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--stage", "full", "--max-steps", "2", "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert main(["eval", "--model", str(tmp_path / "o"), "--data", str(data), "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| **overall** | " in out and "/3 |" in out
+    np.testing.assert_equal(main(["train", "--model", str(model), "--data", str(tmp_path / "nope.jsonl"),
+                                  "--out", str(tmp_path / "z")]), 2)
