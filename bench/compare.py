@@ -1,12 +1,17 @@
 """llavakit and transformers side by side on the same checkpoint, inputs and machine, in one run.
 
     python bench/compare.py --preset llava-onevision-qwen2-0.5b --dtype bfloat16
+    python bench/compare.py --device cuda --preset llava-1.5-7b --runs 3 --time-limit 240
 
-Builds the preset with random weights (cached under bench/.cache), measures this machine's memory
-read bandwidth and matmul peak, then runs each engine in its own process (same thread count) and
-writes bench/results/<preset>.json and .md. Random weights never stop by themselves, so output
-lengths are forced (llavakit: `ignore_eos`; transformers: `min_new_tokens`). Every number is the
-median of --runs runs after a warm-up.
+Builds the preset with random weights (cached under bench/.cache), measures this machine's limits
+(CPU: memory read bandwidth and matmul peak; CUDA: the GPU's copy and read bandwidth and matmul
+peak), then runs each engine in its own process (on CPU with the same thread count) and writes
+<out>/<preset>[-<layers>l]-<dtype>[-cuda].json and .md. Random weights never stop by themselves,
+so output lengths are forced (llavakit: `ignore_eos`; transformers: `min_new_tokens`). Every number
+is the median of --runs runs after a warm-up.
+
+--time-limit bounds the whole run: each worker stops starting measurements near its share of the
+time and is killed at its end; whatever was measured is still written (missing rows show "—").
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,16 +32,33 @@ ROOT = Path(__file__).resolve().parent
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "What colours do you see?",
              "How many objects are there?", "Is it day or night?", "What is on the left?",
              "What is the main subject?", "Write a caption for it."]
+LLAVAKIT_SHARE = 0.4  # of the time left when the llavakit worker starts; transformers gets the rest
 
 
-def _median(fn, runs: int) -> float:
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer read afterwards covers it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _median(fn, runs: int, device: str = "cpu", deadline: float | None = None) -> tuple[float, int]:
+    """(median seconds of `runs` calls of fn after one warm-up call, calls timed).
+
+    Past `deadline` (time.time()), no further call starts once one has been timed.
+    """
     fn()  # warm-up
+    _sync(device)
     times = []
     for _ in range(runs):
+        if times and deadline is not None and time.time() > deadline:
+            break
         t = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), len(times)
 
 
 def _rss_mb(field: str = "VmHWM") -> float:
@@ -59,51 +82,147 @@ def _conv(image, question):
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
-def machine_limits() -> dict:
-    """Memory read bandwidth (GB/s) and matmul peak (GFLOP/s, bf16 and fp32) of this machine, medians."""
+def machine_limits(device: str = "cpu") -> dict:
+    """Bandwidth (GB/s) and matmul peak (GFLOP/s, bf16 and fp32) of this machine or its GPU, medians.
+
+    CPU: read_bandwidth_gbs is a 1 GiB sum. CUDA: read_bandwidth_gbs is a 1 GiB device-to-device copy
+    counted as bytes read plus bytes written (what a kernel streaming weights can reach), and
+    read_only_bandwidth_gbs a 1 GiB sum; matmuls are 8192² (fp32 without TF32).
+    """
     import torch
 
-    a = np.ones(256 << 20, dtype=np.float32)  # 1 GiB
-    read = _median(lambda: a.sum(), 5)
-    out = {"read_bandwidth_gbs": a.nbytes / read / 1e9}
-    for dtype in (torch.bfloat16, torch.float32):
-        x = torch.randn(2048, 2048, dtype=dtype)
-        t = _median(lambda: x @ x, 5)
-        out[f"matmul_gflops_{str(dtype)[6:]}"] = 2 * 2048**3 / t / 1e9
+    if device != "cuda":
+        a = np.ones(256 << 20, dtype=np.float32)  # 1 GiB
+        read, _ = _median(lambda: a.sum(), 5)
+        out = {"read_bandwidth_gbs": a.nbytes / read / 1e9}
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(2048, 2048, dtype=dtype)
+            t, _ = _median(lambda: x @ x, 5)
+            out[f"matmul_gflops_{str(dtype)[6:]}"] = 2 * 2048**3 / t / 1e9
+        return out
+
+    def repeat(fn, n):  # one timed call is too short for the host clock: time n in a row
+        return lambda: [fn() for _ in range(n)]
+
+    def copy_gbs() -> float:
+        src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        t, _ = _median(repeat(lambda: dst.copy_(src), 10), 5, "cuda")
+        return 2 * src.nbytes * 10 / t / 1e9
+
+    def sum_gbs() -> float:
+        x = torch.ones(256 << 20, dtype=torch.float32, device="cuda")
+        t, _ = _median(repeat(lambda: x.sum(), 10), 5, "cuda")
+        return x.nbytes * 10 / t / 1e9
+
+    out = {"read_bandwidth_gbs": copy_gbs(), "read_only_bandwidth_gbs": sum_gbs()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype, n in ((torch.bfloat16, 20), (torch.float32, 3)):
+        x = torch.randn(8192, 8192, dtype=dtype, device="cuda")
+        t, _ = _median(repeat(lambda: x @ x, n), 5, "cuda")
+        out[f"matmul_gflops_{str(dtype)[6:]}"] = 2 * 8192**3 * n / t / 1e9
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.cuda.empty_cache()
+    out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
 # ───────────────────────────── workers (one process per engine) ─────────────────────────────
 
 
-def worker_llavakit(ckpt: Path, args) -> dict:
+class Recorder:
+    """A worker's results, written to `path` after every entry: a worker killed at its deadline
+    leaves everything it measured. A failing measurement is recorded under "errors", not raised."""
+
+    def __init__(self, path: Path, device: str, deadline: float | None):
+        self.path, self.device, self.deadline = path, device, deadline
+        self.res: dict = {"errors": {}, "runs_used": {}, "skipped": []}
+        self.used: int | None = None  # calls the current measurement timed (set by median)
+
+    def late(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def median(self, fn, runs: int) -> float:
+        t, n = _median(fn, runs, self.device, self.deadline)
+        self.used = n
+        return t
+
+    def measure(self, key: str, thunk, always: bool = False) -> None:
+        """res[key] = thunk(), unless the deadline has passed (and not `always`) or it fails."""
+        if self.late() and not always:
+            self.res["skipped"].append(key)
+            self.write()
+            return
+        self.used = None
+        try:
+            self.res[key] = thunk()
+        except Exception as e:  # one broken measurement must not lose the others
+            self.res["errors"][key] = f"{type(e).__name__}: {e}"[:400]
+            print(f"  {key}: {self.res['errors'][key]}", file=sys.stderr)
+        if self.used is not None:
+            self.res["runs_used"][key] = self.used
+        self.write()
+
+    def write(self) -> None:
+        self.res["peak_rss_mb"] = _rss_mb()
+        if self.device == "cuda":
+            import torch
+
+            self.res["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        tmp = self.path.with_suffix(".part")
+        tmp.write_text(json.dumps(self.res))
+        os.replace(tmp, self.path)
+
+
+def worker_llavakit(ckpt: Path, args, rec: Recorder) -> None:
     import torch
 
     import llavakit
 
-    res = {}
-    t = time.perf_counter()
-    vlm = llavakit.load(ckpt, dtype=args.dtype)
-    res["load_s"] = time.perf_counter() - t
-    res["rss_after_load_mb"] = _rss_mb()
+    device = args.device
+    vlm = None
+
+    def load():
+        nonlocal vlm
+        t = time.perf_counter()
+        vlm = llavakit.load(ckpt, dtype=args.dtype, device=device)
+        _sync(device)
+        return time.perf_counter() - t
+
+    rec.measure("load_s", load, always=True)
+    if vlm is None:
+        return
+    rec.res["rss_after_load_mb"] = _rss_mb()
+    if device == "cuda":
+        rec.res["gpu_mem_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
     img384, img1000 = _image(0, 384, 384), _image(1, 1000, 700)
-    res["preprocess_s"] = _median(lambda: vlm.processor.encode(_conv(img384, QUESTIONS[0])), args.runs)
-    tiles = torch.from_numpy(vlm.processor.encode(_conv(img1000, QUESTIONS[0])).pixel_values)
-    with torch.inference_mode():
-        res["vision_per_tile_s"] = _median(lambda: vlm.model.encode_tiles(tiles), args.runs) / tiles.shape[0]
+    rec.measure("preprocess_s", lambda: rec.median(lambda: vlm.processor.encode(_conv(img384, QUESTIONS[0])), args.runs))
+
+    def vision():
+        tiles = torch.from_numpy(vlm.processor.encode(_conv(img1000, QUESTIONS[0])).pixel_values).to(device)
+        with torch.inference_mode():
+            return rec.median(lambda: vlm.model.encode_tiles(tiles), args.runs) / tiles.shape[0]
+
+    rec.measure("vision_per_tile_s", vision)
 
     def fresh():  # no image or prefix cache carried over: a cold request
         vlm.engine.clear_caches()
 
     one = llavakit.SamplingParams(max_new_tokens=1, ignore_eos=True)
-    res["ttft_384_s"] = _median(lambda: (fresh(), vlm.chat(_conv(img384, QUESTIONS[0]), sampling=one)), args.runs)
-    res["ttft_1000x700_s"] = _median(lambda: (fresh(), vlm.chat(_conv(img1000, QUESTIONS[0]), sampling=one)), args.runs)
-    fresh()
-    vlm.chat(_conv(img384, QUESTIONS[0]), sampling=one)  # the image is now in the cache
-    questions = iter(QUESTIONS[1:] * (args.runs + 2))
-    res["ttft_same_image_new_question_s"] = _median(
-        lambda: vlm.chat(_conv(img384, next(questions)), sampling=one), args.runs)
-    res["prompt_tokens_384"] = len(vlm.processor.encode(_conv(img384, QUESTIONS[0])).input_ids)
+    rec.measure("ttft_384_s", lambda: rec.median(
+        lambda: (fresh(), vlm.chat(_conv(img384, QUESTIONS[0]), sampling=one)), args.runs))
+    rec.measure("ttft_1000x700_s", lambda: rec.median(
+        lambda: (fresh(), vlm.chat(_conv(img1000, QUESTIONS[0]), sampling=one)), args.runs))
+
+    def same_image():
+        fresh()
+        vlm.chat(_conv(img384, QUESTIONS[0]), sampling=one)  # the image is now in the cache
+        questions = iter(QUESTIONS[1:] * (args.runs + 2))
+        return rec.median(lambda: vlm.chat(_conv(img384, next(questions)), sampling=one), args.runs)
+
+    rec.measure("ttft_same_image_new_question_s", same_image)
+    rec.res["prompt_tokens_384"] = len(vlm.processor.encode(_conv(img384, QUESTIONS[0])).input_ids)
 
     def decode_rate():
         fresh()
@@ -112,73 +231,139 @@ def worker_llavakit(ckpt: Path, args) -> dict:
                            llavakit.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
         stamps = []
         while engine.has_unfinished():
-            if engine.step():
+            if engine.step():  # each step ends with its tokens on the host: the GPU is done with it
                 stamps.append(time.perf_counter())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    decode_rate()
-    res["decode_tok_s"] = statistics.median(decode_rate() for _ in range(args.runs))
+    def decode():
+        decode_rate()
+        rates = []
+        for _ in range(args.runs):
+            if rates and rec.late():
+                break
+            rates.append(decode_rate())
+        rec.used = len(rates)
+        return statistics.median(rates)
+
+    rec.measure("decode_tok_s", decode)
     params = llavakit.SamplingParams(max_new_tokens=args.concurrent_new_tokens, ignore_eos=True)
     same = [_conv(img384, q) for q in QUESTIONS]
     unique = [_conv(_image(10 + i, 384, 384), q) for i, q in enumerate(QUESTIONS)]
-    res["eight_same_image_s"] = _median(lambda: (fresh(), vlm.generate(same, params)), args.throughput_runs)
-    res["eight_unique_images_s"] = _median(lambda: (fresh(), vlm.generate(unique, params)), args.throughput_runs)
-    res["peak_rss_mb"] = _rss_mb()
-    return res
+    rec.measure("eight_same_image_s", lambda: rec.median(lambda: (fresh(), vlm.generate(same, params)),
+                                                         args.throughput_runs))
+    rec.measure("eight_unique_images_s", lambda: rec.median(lambda: (fresh(), vlm.generate(unique, params)),
+                                                            args.throughput_runs))
 
 
-def worker_transformers(ckpt: Path, args) -> dict:
+def _transformers_class(model_type: str):
+    import transformers
+
+    return {"llava": transformers.LlavaForConditionalGeneration,
+            "llava_next": transformers.LlavaNextForConditionalGeneration,
+            "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}[model_type]
+
+
+def worker_transformers(ckpt: Path, args, rec: Recorder) -> None:
+    import warnings
+
     import torch
     import transformers
 
+    warnings.filterwarnings("ignore")  # generate() repeats its advice on every call
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     sys.path.insert(0, str(ROOT.parent / "tests"))
     from reference import onevision_reference_processor
 
-    res = {}
+    device = args.device
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     model_type = json.loads((ckpt / "config.json").read_text())["model_type"]
-    cls = {"llava": transformers.LlavaForConditionalGeneration,
-           "llava_next": transformers.LlavaNextForConditionalGeneration,
-           "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration}[model_type]
-    t = time.perf_counter()
-    model = cls.from_pretrained(ckpt, dtype=dtype).eval()
-    proc = (onevision_reference_processor(ckpt) if model_type == "llava_onevision"
-            else transformers.AutoProcessor.from_pretrained(ckpt))
-    res["load_s"] = time.perf_counter() - t
-    res["rss_after_load_mb"] = _rss_mb()
     img384, img1000 = _image(0, 384, 384), _image(1, 1000, 700)
+    model = proc = None
 
     def inputs(convs):
         out = proc.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                        return_tensors="pt", padding=True)
-        return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
 
-    res["preprocess_s"] = _median(lambda: inputs(_conv(img384, QUESTIONS[0])), args.runs)
-    x = inputs(_conv(img1000, QUESTIONS[0]))
-    n_tiles = int(x["pixel_values"].shape[1]) if x["pixel_values"].ndim == 5 else int(x["pixel_values"].shape[0])
-    kw = {k: x[k] for k in ("pixel_values", "image_sizes") if k in x}
-    with torch.inference_mode():
-        res["vision_per_tile_s"] = _median(lambda: model.model.get_image_features(**kw), args.runs) / n_tiles
+    def load():
+        nonlocal model, proc
+        cls = _transformers_class(model_type)
+        t = time.perf_counter()
+        try:
+            model = cls.from_pretrained(ckpt, dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            model = cls.from_pretrained(ckpt, torch_dtype=dtype)
+        model = model.to(device).eval()
+        candidates = [lambda: transformers.AutoProcessor.from_pretrained(ckpt)]
+        if model_type == "llava_onevision":  # its AutoProcessor wants torchvision for videos
+            candidates.insert(0, lambda: onevision_reference_processor(ckpt))
+        for i, make in enumerate(candidates):
+            try:
+                proc = make()
+                proc.tokenizer.padding_side = "left"
+                inputs(_conv(img384, QUESTIONS[0]))  # fails here if this version needs something else
+                break
+            except Exception:
+                if i == len(candidates) - 1:
+                    raise
+        _sync(device)
+        return time.perf_counter() - t
+
+    rec.measure("load_s", load, always=True)
+    if model is None:
+        return
+    rec.res["rss_after_load_mb"] = _rss_mb()
+    if device == "cuda":
+        rec.res["gpu_mem_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
+    rec.measure("preprocess_s", lambda: rec.median(lambda: inputs(_conv(img384, QUESTIONS[0])), args.runs))
+
+    def vision():
+        x = inputs(_conv(img1000, QUESTIONS[0]))
+        n_tiles = int(x["pixel_values"].shape[1]) if x["pixel_values"].ndim == 5 else int(x["pixel_values"].shape[0])
+        kw = {k: x[k] for k in ("pixel_values", "image_sizes") if k in x}
+        inner = getattr(model, "model", model)  # transformers < 4.52 has no inner model
+        with torch.inference_mode():
+            return rec.median(lambda: inner.get_image_features(**kw), args.runs) / n_tiles
+
+    rec.measure("vision_per_tile_s", vision)
 
     def gen(convs, n):
         with torch.inference_mode():
             model.generate(**inputs(convs), max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    proc.tokenizer.padding_side = "left"
-    res["ttft_384_s"] = _median(lambda: gen(_conv(img384, QUESTIONS[0]), 1), args.runs)
-    res["ttft_1000x700_s"] = _median(lambda: gen(_conv(img1000, QUESTIONS[0]), 1), args.runs)
-    res["ttft_same_image_new_question_s"] = res["ttft_384_s"]  # no cache: every question starts cold
+    rec.measure("ttft_384_s", lambda: rec.median(lambda: gen(_conv(img384, QUESTIONS[0]), 1), args.runs))
+    rec.measure("ttft_1000x700_s", lambda: rec.median(lambda: gen(_conv(img1000, QUESTIONS[0]), 1), args.runs))
+    if "ttft_384_s" in rec.res:
+        rec.res["ttft_same_image_new_question_s"] = rec.res["ttft_384_s"]  # no cache: every question starts cold
     n = args.new_tokens
-    t_n = _median(lambda: gen(_conv(img384, QUESTIONS[0]), n), args.runs)
-    res["decode_tok_s"] = (n - 1) / (t_n - res["ttft_384_s"])
+
+    def decode():  # (n - 1) tokens in the time n tokens take beyond one; paired runs, so noise cannot flip the sign
+        conv = _conv(img384, QUESTIONS[0])
+        gen(conv, n)
+        extra = []
+        for _ in range(args.runs):
+            if extra and rec.late():
+                break
+            t = time.perf_counter()
+            gen(conv, 1)
+            _sync(device)
+            t1 = time.perf_counter()
+            gen(conv, n)
+            _sync(device)
+            extra.append(time.perf_counter() - t1 - (t1 - t))
+        rec.used = len(extra)
+        if statistics.median(extra) <= 0:
+            raise ValueError(f"{n} tokens took no longer than 1; use more --new-tokens")
+        return (n - 1) / statistics.median(extra)
+
+    rec.measure("decode_tok_s", decode)
     m = args.concurrent_new_tokens
     same = [_conv(img384, q) for q in QUESTIONS]
     unique = [_conv(_image(10 + i, 384, 384), q) for i, q in enumerate(QUESTIONS)]
-    res["eight_same_image_s"] = _median(lambda: [gen(c, m) for c in same], args.throughput_runs)
-    res["eight_unique_images_s"] = _median(lambda: [gen(c, m) for c in unique], args.throughput_runs)
-    res["eight_unique_images_padded_batch_s"] = _median(lambda: gen(unique, m), args.throughput_runs)
-    res["peak_rss_mb"] = _rss_mb()
-    return res
+    rec.measure("eight_unique_images_padded_batch_s", lambda: rec.median(lambda: gen(unique, m), args.throughput_runs))
+    rec.measure("eight_same_image_s", lambda: rec.median(lambda: [gen(c, m) for c in same], args.throughput_runs))
+    rec.measure("eight_unique_images_s", lambda: rec.median(lambda: [gen(c, m) for c in unique], args.throughput_runs))
 
 
 # ───────────────────────────── report ─────────────────────────────
@@ -220,81 +405,185 @@ ROWS = [
     ("eight_same_image_s", "8 requests, same image (s)", "lower"),
     ("eight_unique_images_s", "8 requests, unique images (s)", "lower"),
 ]
+GPU_ROWS = [
+    ("gpu_mem_after_load_mb", "GPU memory after load (MB)", "lower"),
+    ("peak_gpu_mem_mb", "peak GPU memory allocated (MB)", "lower"),
+]
+
+
+def _num(x, fine: bool = False) -> str:
+    """Three decimals; with `fine` (GPU timings are milliseconds), three significant digits below 1."""
+    if x is None:
+        return "—"
+    if fine and abs(x) < 1:
+        return f"{x:.3g}"
+    return f"{x:.0f}" if fine and abs(x) >= 1000 else f"{x:.3f}"
+
+
+def _ratio(a, b) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
 def report(results: dict, machine: dict, weights: dict, args, ckpt: Path) -> str:
-    ours, hf = results["llavakit"], results["transformers"]
+    import torch
+
+    ours, hf = results.get("llavakit", {}), results.get("transformers", {})
+    cuda = args.device == "cuda"
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = "not installed"
+    where = (f"{machine.get('gpu', 'CUDA GPU')}, CUDA {torch.version.cuda}" if cuda
+             else f"{os.cpu_count()} CPU threads")
     lines = [f"`{args.preset}`{f' ({args.layers} layers)' if args.layers else ''}, {args.dtype}, "
-             f"{os.cpu_count()} CPU threads, torch {__import__('torch').__version__}, transformers "
-             f"{__import__('transformers').__version__}; medians of {args.runs} runs "
+             f"{where}, torch {torch.__version__}, transformers "
+             f"{hf_version}; medians of {args.runs} runs "
              f"({args.throughput_runs} for the 8-request rows); {args.new_tokens} tokens for decode, "
              f"{args.concurrent_new_tokens} per request for the 8-request rows; the 8 requests run on llavakit's engine "
              "and one by one on transformers.", "",
              "| measure | llavakit | transformers | ratio (llavakit / transformers) |", "|---|---|---|---|"]
-    for key, label, _ in ROWS:
-        lines.append(f"| {label} | {ours[key]:.3f} | {hf[key]:.3f} | {ours[key] / hf[key]:.2f} |")
-    lines.append(f"| 8 requests, unique images: transformers padded batch (s) | | "
-                 f"{hf['eight_unique_images_padded_batch_s']:.3f} | "
-                 f"{ours['eight_unique_images_s'] / hf['eight_unique_images_padded_batch_s']:.2f} |")
+    for key, label, _ in ROWS[:3] + (GPU_ROWS if cuda else []) + ROWS[3:]:
+        lines.append(f"| {label} | {_num(ours.get(key), cuda)} | {_num(hf.get(key), cuda)} | "
+                     f"{_ratio(ours.get(key), hf.get(key))} |")
+    padded = hf.get("eight_unique_images_padded_batch_s")
+    lines.append(f"| 8 requests, unique images: transformers padded batch (s) | | {_num(padded, cuda)} | "
+                 f"{_ratio(ours.get('eight_unique_images_s'), padded)} |")
     bw = machine["read_bandwidth_gbs"]
+    pct = {}
     for name, r in (("llavakit", ours), ("transformers", hf)):
-        r["decode_bandwidth_pct"] = 100 * weights["decode"] * r["decode_tok_s"] / 1e9 / bw
-    lines += ["", f"Machine: read bandwidth {bw:.1f} GB/s, matmul peak {machine['matmul_gflops_bfloat16']:.0f} GFLOP/s "
-              f"(bf16) / {machine['matmul_gflops_float32']:.0f} GFLOP/s (fp32). Decode reads "
-              f"{weights['decode'] / 1e9:.2f} GB of weights per token: llavakit reaches "
-              f"{ours['decode_bandwidth_pct']:.0f}% of the read bandwidth, transformers "
-              f"{hf['decode_bandwidth_pct']:.0f}%."]
+        r.pop("decode_bandwidth_pct", None)
+        if r.get("decode_tok_s") is not None:
+            r["decode_bandwidth_pct"] = 100 * weights["decode"] * r["decode_tok_s"] / 1e9 / bw
+        pct[name] = "—" if r.get("decode_bandwidth_pct") is None else f"{r['decode_bandwidth_pct']:.0f}%"
+    if cuda:
+        limits = (f"GPU: memory bandwidth {bw:.0f} GB/s (device-to-device copy, read + write), "
+                  f"{machine['read_only_bandwidth_gbs']:.0f} GB/s read-only (sum); matmul peak "
+                  f"{machine['matmul_gflops_bfloat16'] / 1e3:.0f} TFLOP/s (bf16) / "
+                  f"{machine['matmul_gflops_float32'] / 1e3:.0f} TFLOP/s (fp32, no TF32).")
+    else:
+        limits = (f"Machine: read bandwidth {bw:.1f} GB/s, matmul peak {machine['matmul_gflops_bfloat16']:.0f} GFLOP/s "
+                  f"(bf16) / {machine['matmul_gflops_float32']:.0f} GFLOP/s (fp32).")
+    lines += ["", f"{limits} Decode reads {weights['decode'] / 1e9:.2f} GB of weights per token: llavakit reaches "
+              f"{pct['llavakit']} of the {'copy' if cuda else 'read'} bandwidth, transformers {pct['transformers']}."]
+    notes = []
+    for name, r in (("llavakit", ours), ("transformers", hf)):
+        if not r:
+            notes.append(f"{name}: no results (the worker failed before writing any; see the log).")
+            continue
+        short = {k: n for k, n in r.get("runs_used", {}).items()
+                 if n < (args.throughput_runs if k.startswith("eight") else args.runs)}
+        if short:
+            notes.append(f"{name}: time limit reached, fewer runs for " + ", ".join(f"{k} ({n})" for k, n in short.items()))
+        if r.get("skipped"):
+            notes.append(f"{name}: time limit reached, not measured: {', '.join(r['skipped'])}")
+        for k, e in r.get("errors", {}).items():
+            notes.append(f"{name}: {k} failed: {e}")
+        if r.get("killed"):
+            notes.append(f"{name}: stopped at its time limit ({r['killed']:.0f} s).")
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines)
+
+
+def checkpoint_dir(cache: Path, preset: str, layers: int | None, dtype: str) -> Path:
+    """Where the random checkpoint of these settings is cached (built on first use)."""
+    return cache / f"{preset}-{layers or 'all'}-{dtype}"
+
+
+def _flags(args) -> list[str]:
+    out = []
+    for flag in ("preset", "dtype", "runs", "throughput_runs", "new_tokens", "concurrent_new_tokens", "threads",
+                 "device"):
+        out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llava-onevision-qwen2-0.5b")
+    p.add_argument("--preset", default="llava-onevision-qwen2-0.5b", help="a llavakit.random_init preset")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--layers", type=int, help="truncate depth for quick runs")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--throughput-runs", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--concurrent-new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--throughput-runs", type=int, default=5, help="timed runs of the 8-request rows")
+    p.add_argument("--new-tokens", "--output-tokens", type=int, default=32, help="tokens for the decode rate")
+    p.add_argument("--concurrent-new-tokens", type=int, default=128, help="tokens per request in the 8-request rows")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU only)")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole run; partial results are still written")
+    p.add_argument("--out", type=Path, default=ROOT / "results", help="folder for the .json and .md results")
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache", help="folder for random checkpoints")
     p.add_argument("--worker", choices=["llavakit", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # time.time() a worker stops measuring at
     args = p.parse_args()
+    started = time.time()
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device.", file=sys.stderr)
+        return 2
     if args.worker:
+        rec = Recorder(Path(args.json_out), args.device, args.deadline)
+        rec.write()
         fn = worker_llavakit if args.worker == "llavakit" else worker_transformers
-        Path(args.json_out).write_text(json.dumps(fn(Path(args.ckpt), args)))
+        fn(Path(args.ckpt), args, rec)
+        rec.write()
         return 0
 
     from llavakit.random_init import make_random_checkpoint
 
-    ckpt = ROOT / ".cache" / f"{args.preset}-{args.layers or 'all'}-{args.dtype}"
+    end = None if args.time_limit is None else started + args.time_limit
+    ckpt = checkpoint_dir(args.cache, args.preset, args.layers, args.dtype)
     if not (ckpt / "config.json").is_file():
-        print(f"building {ckpt} ...", file=sys.stderr)
-        make_random_checkpoint(ckpt, args.preset, layers=args.layers, dtype=getattr(torch, args.dtype))
-    machine = machine_limits()
-    results = {}
-    for engine in ("llavakit", "transformers"):
-        out = ROOT / ".cache" / f"{engine}.json"
-        cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(ckpt), "--json-out", str(out)]
-        for flag in ("preset", "dtype", "runs", "throughput_runs", "new_tokens", "concurrent_new_tokens", "threads"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        print(f"running {engine} ...", file=sys.stderr)
-        subprocess.run(cmd, check=True)
-        results[engine] = json.loads(out.read_text())
+        print(f"building {ckpt.name} ...", file=sys.stderr)
+        building = ckpt.with_name(ckpt.name + ".building")  # renamed when complete: an interrupted build is redone
+        shutil.rmtree(building, ignore_errors=True)
+        make_random_checkpoint(building, args.preset, layers=args.layers, dtype=getattr(torch, args.dtype))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        building.rename(ckpt)
+    machine = machine_limits(args.device)
     weights = weight_bytes(ckpt)
-    table = report(results, machine, weights, args, ckpt)
-    results_dir = ROOT / "results"
-    results_dir.mkdir(exist_ok=True)
-    name = f"{args.preset}{f'-{args.layers}l' if args.layers else ''}-{args.dtype}"
-    (results_dir / f"{name}.json").write_text(json.dumps({"args": vars(args), "machine": machine, "weights": weights,
-                                                          "results": results}, indent=2))
-    (results_dir / f"{name}.md").write_text(table + "\n")
-    print(table)
+    name = (f"{args.preset}{f'-{args.layers}l' if args.layers else ''}-{args.dtype}"
+            f"{'-cuda' if args.device == 'cuda' else ''}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+
+    def save() -> str:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (args.out / f"{name}.json").write_text(json.dumps({"args": meta, "machine": machine, "weights": weights,
+                                                           "results": results}, indent=2))
+        table = report(results, machine, weights, args, ckpt)
+        (args.out / f"{name}.md").write_text(table + "\n")
+        return table
+
+    for engine in ("llavakit", "transformers"):
+        out = args.cache / f"{name}.{engine}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(ckpt), "--json-out", str(out)] + _flags(args)
+        timeout = None
+        if end is not None:
+            left = end - time.time() - 3  # room to write the report
+            timeout = max(1.0, left * (LLAVAKIT_SHARE if engine == "llavakit" else 1.0))
+            cmd += ["--deadline", str(time.time() + timeout - max(5.0, 0.1 * timeout))]
+        print(f"running {engine}{'' if timeout is None else f' (at most {timeout:.0f} s)'} ...", file=sys.stderr)
+        t = time.time()
+        try:
+            code = subprocess.run(cmd, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "killed"
+        results[engine] = json.loads(out.read_text()) if out.is_file() else {}
+        if code == "killed" and results[engine]:
+            results[engine]["killed"] = time.time() - t
+        elif code != 0:
+            print(f"{engine} worker exited with {code}", file=sys.stderr)
+        save()
+    print(save())
     return 0
 
 

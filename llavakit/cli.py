@@ -199,11 +199,13 @@ def cmd_batch(args) -> int:
                           max_batch_size=args.max_batch_size, batch_size=args.batch_size,
                           progress=not args.no_progress)
     else:
+        from .batch.inputs import input_kind
         from .batch.local import run_local
         from .batch.output import prepare_output
 
+        input_kind(Path(args.input))  # a missing input or an existing output fails before the model loads
         if not (args.resume or args.overwrite):
-            prepare_output(Path(args.output), False, False)  # refuse an existing output before loading the model
+            prepare_output(Path(args.output), False, False)
         vlm = _load(args)
         if args.device:
             vlm.model.to(args.device)
@@ -235,7 +237,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(stage=args.stage, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
-                      bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+                      bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                       train_vision=args.train_vision, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, save_every=args.save_every, eval_every=args.eval_every,
                       keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data, seed=args.seed)
@@ -246,7 +248,7 @@ def cmd_train(args) -> int:
     resume = True if args.resume == "latest" else (Path(args.resume) if args.resume else False)
     summary = train(args.model, Path(args.data), Path(args.out), cfg,
                     eval_data=Path(args.eval_data) if args.eval_data else None, resume=resume,
-                    image_folder=Path(args.image_folder) if args.image_folder else None)
+                    image_folder=Path(args.image_folder) if args.image_folder else None, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -431,6 +433,8 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--max-length", type=int, default=t.max_length, help="tokens per conversation, images included")
     trn.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights and optimizer)")
     trn.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward: less memory")
+    trn.add_argument("--compile", action="store_true", help="torch.compile the layers (about 2x faster on CPU "
+                     "after a minute of compiling)")
     trn.add_argument("--train-vision", action="store_true", help="stage full: train the vision tower too")
     trn.add_argument("--lora-r", type=int, default=t.lora_r)
     trn.add_argument("--lora-alpha", type=int, default=t.lora_alpha)
@@ -443,6 +447,7 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--resume", nargs="?", const="latest",
                      help="continue from the newest checkpoint-N in --out, or from the folder given")
     trn.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    trn.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     trn.add_argument("--seed", type=int, default=t.seed)
     trn.set_defaults(func=cmd_train)
 

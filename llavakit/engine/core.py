@@ -220,8 +220,9 @@ class Engine:
         dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
         per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * torch.finfo(dtype).bits // 8
         budget = config.kv_cache_bytes
-        if budget is None:  # room for a full batch of 4k-token requests, at most 2 GiB
-            budget = min(config.max_batch_size * min(text.max_position_embeddings, 4096) * per_token, 2 << 30)
+        if budget is None:  # room for a full batch of 4k-token requests, at most 2 GiB (a GPU: half its free memory)
+            cap = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 2 << 30
+            budget = min(config.max_batch_size * min(text.max_position_embeddings, 4096) * per_token, cap)
         self.max_blocks = max(1, budget // (per_token * BLOCK))
         # The pool starts small and grows up to the budget as requests need it: memory follows use.
         start = min(self.max_blocks, 4096 // BLOCK)
@@ -439,7 +440,7 @@ class Engine:
                 budget -= chosen[-1][1]
         fresh = [seq for seq, _ in chosen if seq.embeds is None]
         features = self._media_features(fresh) if fresh else {}
-        model, device, out = self.model, self.model.device, []
+        model, device, done = self.model, self.model.device, []  # done: (request, its last logits (V,))
         for seq in fresh:
             ids = torch.tensor([seq.prompt], dtype=torch.long)
             images = [features[m.key] for m in seq.media if m.kind == "image"]
@@ -455,33 +456,40 @@ class Engine:
                 read_slots=seq.slot_map[None, :end].to(device),
                 read_valid=torch.ones(1, end, dtype=torch.bool, device=device),
                 query_pos=torch.arange(start, end, device=device)[None],
+                plain_causal=True,  # one row, every slot up to `end` valid, the queries are its last positions
             )
             logits = model.decode(embeds[:, start:end], step.query_pos, None, step, last_only=True)[0, -1]
             seq.length = end
             self._register(seq)
             if end == len(seq.prompt):  # the whole prompt is in: its first token
                 seq.embeds = None
-                out.append((seq, seq.state.sample(logits, self.eos_ids)))
-        return out
+                done.append((seq, logits))
+        if not done:
+            return []
+        deltas = RequestState.sample_batch([seq.state for seq, _ in done], torch.stack([l for _, l in done]),
+                                           self.eos_ids)
+        return [(seq, delta) for (seq, _), delta in zip(done, deltas)]
 
     def _decode(self, seqs: list[_Seq]) -> list[tuple[_Seq, Delta]]:
-        device = self.model.device
-        lengths = torch.tensor([s.length + 1 for s in seqs])  # keys each row reads, the new one included
-        longest = int(lengths.max())
-        read = torch.zeros(len(seqs), longest, dtype=torch.long)  # padding reads slot 0, masked out
+        device, b = self.model.device, len(seqs)
+        longest = max(s.length for s in seqs) + 1  # keys each row reads, the new one included
+        # Everything the step needs from the host goes over in one copy: each copy to a GPU is a sync.
+        host = torch.zeros(b, longest + 2, dtype=torch.long)  # per row: read slots, keys read, last token
         for i, seq in enumerate(seqs):
-            read[i, : seq.length + 1] = seq.slot_map[: seq.length + 1]
-        write = read[torch.arange(len(seqs)), lengths - 1]
-        valid = torch.arange(longest)[None, :] < lengths[:, None]  # (B, S)
-        positions = (lengths - 1)[:, None].to(device)  # (B, 1)
-        step = PagedStep(keys=self.keys, values=self.values, write_slots=write.to(device),
-                         read_slots=read.to(device), read_valid=valid.to(device), query_pos=positions)
-        tokens = torch.tensor([[s.state.ids[-1]] for s in seqs], device=device)
+            host[i, : seq.length + 1] = seq.slot_map[: seq.length + 1]  # padding reads slot 0, masked out
+            host[i, longest] = seq.length + 1
+            host[i, longest + 1] = seq.state.ids[-1]
+        host = host.to(device)
+        read, lengths, tokens = host[:, :longest], host[:, longest], host[:, longest + 1 :]  # (B, S), (B,), (B, 1)
+        positions = (lengths - 1)[:, None]  # (B, 1)
+        step = PagedStep(keys=self.keys, values=self.values, write_slots=read.gather(1, positions)[:, 0],
+                         read_slots=read, read_valid=torch.arange(longest, device=device)[None, :] < lengths[:, None],
+                         query_pos=positions, plain_causal=b == 1)
         embeds = self.model.language_model.embed_tokens(tokens)  # (B, 1, D)
         logits = self.model.decode(embeds, positions, None, step, last_only=True)[:, -1]  # (B, V)
-        out = []
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             seq.length += 1
             self._register(seq)
-            out.append((seq, seq.state.sample(logits[i], self.eos_ids)))
-        return out
+        # One batched pick: a per-row pick would copy a vocabulary row to the host (a GPU sync) per request.
+        deltas = RequestState.sample_batch([s.state for s in seqs], logits, self.eos_ids)
+        return list(zip(seqs, deltas))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..processing.prompt import StreamDecoder, TextTokenizer
-from .sampling import Pick, SamplingParams, sample_row
+from .sampling import Pick, SamplingParams, sample_row, sample_rows
 
 
 @dataclass
@@ -51,6 +51,13 @@ class RequestState:
         """Pick the next token from (V,) logits, record it, and say what it completed."""
         pick = sample_row(logits, self.params, self.seen, self.generator)
         return self.advance(pick, eos_ids)
+
+    @staticmethod
+    def sample_batch(states: list["RequestState"], logits: torch.Tensor, eos_ids: set[int]) -> list[Delta]:
+        """`sample` for every row of (B, V) logits, row i for states[i], with at most two host syncs."""
+        picks = sample_rows(logits, [s.params for s in states], [s.seen for s in states],
+                            [s.generator for s in states])
+        return [s.advance(pick, eos_ids) for s, pick in zip(states, picks)]
 
     def advance(self, pick: Pick, eos_ids: set[int]) -> Delta:
         """Record one sampled token and decide whether the request is finished."""

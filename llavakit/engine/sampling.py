@@ -106,11 +106,41 @@ class Pick:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Argmax of the raw logits is the whole answer: no penalty, constraint or log-probabilities."""
+    return p.greedy and p.repetition_penalty == 1.0 and p.constraint is None and not (p.logprobs or p.top_logprobs)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
+                generators: list[torch.Generator | None]) -> list[Pick]:
+    """Pick one token per row of (B, V) logits, wherever the logits live.
+
+    Plain greedy rows take one argmax on the logits' device and one transfer of B ids; every other
+    row is copied to the CPU in one transfer and sampled there by `sample_row`. On a GPU each
+    transfer is a host sync, so this costs at most two per step instead of one per request.
+    The argmax picks the same token as `sample_row` (the first maximum; float32 conversion is exact).
+    """
+    picks: list[Pick | None] = [None] * len(params)
+    plain = [i for i, p in enumerate(params) if _plain_greedy(p)]
+    if plain:
+        rows = logits if len(plain) == len(params) else logits[plain]  # (b, V)
+        for i, token in zip(plain, rows.argmax(-1).tolist()):
+            picks[i] = Pick(token)
+    rest = [i for i, pick in enumerate(picks) if pick is None]
+    if rest:
+        host = logits[rest].float().cpu()  # (b, V)
+        for row, i in zip(host, rest):
+            picks[i] = sample_row(row, params[i], seen[i], generators[i])
+    return picks
+
+
 def sample_row(logits: torch.Tensor, p: SamplingParams, seen: list[int], generator: torch.Generator | None) -> Pick:
     """Pick the next token from one row of logits (V,).
 
     seen: the prompt and generated ids (read only for the repetition penalty).
     Log-probabilities are those of the model's own distribution, before penalties and warping.
+    Runs on the CPU whatever the model's device: seeded generators are CPU generators, so a seed
+    draws the same tokens on every device (given the same logits).
     """
     raw = logits.float().cpu()  # per-request generators and histories live on the CPU
     logits = raw

@@ -34,6 +34,9 @@ class PagedStep:
     read_slots: torch.Tensor  # (B, S) long: every slot a row attends to (padding: any slot, masked)
     read_valid: torch.Tensor  # (B, S) bool: False at padding
     query_pos: torch.Tensor  # (B, T) long: positions of the new tokens
+    # The caller's word that there is one row, every read slot is valid and the queries are the last T
+    # positions: mask() then decides without reading device tensors (each read is a GPU sync).
+    plain_causal: bool = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values (B, Hkv, T, hd) into the pool; return each row's keys/values (B, Hkv, S, hd)."""
@@ -51,8 +54,8 @@ class PagedStep:
         """
         b, t = self.query_pos.shape
         s = self.read_slots.shape[1]
-        if window is None and b == 1 and bool(self.read_valid.all()) and int(self.query_pos[0, 0]) == s - t:
-            if t == 1 or s == t:
+        if window is None and (t == 1 or s == t) and b == 1:
+            if self.plain_causal or (bool(self.read_valid.all()) and int(self.query_pos[0, 0]) == s - t):
                 return None
         key_pos = torch.arange(self.read_slots.shape[1], device=self.read_slots.device)[None, None, :]  # (1, 1, S)
         q = self.query_pos[:, :, None]  # (B, T, 1)

@@ -7,8 +7,19 @@
     metrics.py      Prometheus metrics; app.py: the FastAPI app; run.py: uvicorn and shutdown
 """
 
-from .app import create_app
 from .config import ServerConfig
-from .run import serve
 
 __all__ = ["ServerConfig", "create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # FastAPI is an optional extra: the CLI reads ServerConfig's defaults without it.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name == "serve":
+        from .run import serve
+
+        return serve
+    raise AttributeError(name)

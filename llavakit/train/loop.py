@@ -50,6 +50,7 @@ class TrainConfig:
     max_length: int = 2048  # tokens per conversation, images included
     bf16: bool = False  # autocast matmuls to bfloat16 (weights and optimizer stay float32)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder and tower layer (fuses the small element-wise ops)
     train_vision: bool = False  # stage "full": the tower learns too (as in OneVision's later stages)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -187,7 +188,7 @@ def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None) -> flo
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and model.device.type == "cpu"):
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for i in range(0, len(records), cfg.batch_size):
             examples = [e for r in records[i:i + cfg.batch_size] if (e := _encode(vlm.processor, r, cfg, lambda _: None))]
             if examples:
@@ -198,8 +199,12 @@ def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None) -> flo
 
 
 def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_data: Path | None = None,
-          resume: bool | Path = False, image_folder: Path | None = None, log=None, progress: bool = True) -> dict:
-    """Run a training job; returns a summary (steps, losses, time). See the module docstring."""
+          resume: bool | Path = False, image_folder: Path | None = None, log=None, progress: bool = True,
+          device: str = "cpu") -> dict:
+    """Run a training job; returns a summary (steps, losses, time). See the module docstring.
+
+    device: where the model trains ("cpu", "cuda", ...); weights and optimizer state stay float32.
+    """
     import llavakit
 
     from . import lora
@@ -217,7 +222,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     base = start_from if (start_from is not None and cfg.stage != "lora") else model_dir
-    vlm = llavakit.load(base, dtype=torch.float32)
+    vlm = llavakit.load(base, dtype=torch.float32, device=device)
     model = vlm.model
     adapters = None
     if cfg.stage == "lora":
@@ -230,6 +235,10 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
         named += [(f"lora.{n}", p) for n, p in adapters.named_parameters()]
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.compile:
+        # Per layer and with dynamic shapes: conversations differ in length, one graph serves them all.
+        for layer in list(model.language_model.layers) + list(model.vision_tower.encoder.layers):
+            layer.compile(dynamic=True)
 
     records = load_dataset(data, vlm, cfg, image_folder, log)
     eval_records = load_dataset(eval_data, vlm, cfg, None, log) if eval_data else []
@@ -271,7 +280,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
         targets = sum(b.target_tokens for b in batches)
         step_loss = 0.0
         for batch in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and model.device.type == "cpu"):
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 s, _ = loss_sum(model, batch)
             (s / targets).backward()  # the mean over the targets of the whole accumulated step
             step_loss += s.item() / targets

@@ -74,8 +74,8 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> Adapters:
             key = full.replace(".", "/")
             a = torch.empty(cfg.r, module.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for A; B starts at zero
-            adapters.a[key] = nn.Parameter(a)
-            adapters.b[key] = nn.Parameter(torch.zeros(module.out_features, cfg.r))
+            adapters.a[key] = nn.Parameter(a.to(module.weight.device))
+            adapters.b[key] = nn.Parameter(torch.zeros(module.out_features, cfg.r, device=module.weight.device))
             adapters.hooks.append(module.register_forward_hook(_hook(adapters, key)))
     if not adapters.a:
         raise WeightsError(f"no linear layer named {', '.join(cfg.targets)} in the language model.")
