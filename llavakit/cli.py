@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,25 +26,24 @@ HELP_INTERACTIVE = """commands: /image PATH or /video PATH attaches to your next
 /quit (or Ctrl-D) leaves; anything else is sent as your message."""
 
 
-def default_model_dir() -> Path:
-    """The model used when --model is not given: a tiny random-weight checkpoint, built on first use."""
-    home = Path(os.environ.get("LLAVAKIT_HOME", Path.home() / ".cache" / "llavakit"))
-    folder = home / "tiny-random"
-    if not (folder / "model.safetensors").is_file():
-        from .random_init import make_random_checkpoint
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "llava-shapes"
 
-        print(f"[llavakit] building the default demo model (random weights) in {folder}", file=sys.stderr)
-        make_random_checkpoint(folder, preset="tiny")
-    return folder
+
+def default_model_dir() -> Path:
+    """The model used when --model is not given: llava-shapes, the tiny OneVision model shipped in the package.
+
+    It was trained by llavakit (scripts/train_shapes_model.sh) on the synthetic shapes world, so it
+    answers questions about flat coloured shapes and their motion, and nothing else.
+    """
+    if not (SHIPPED_MODEL / "model.safetensors").is_file():
+        raise LlavakitError(f"the shipped model is missing from {SHIPPED_MODEL}; reinstall llavakit, or pass --model.")
+    return SHIPPED_MODEL
 
 
 def _load(args):
     import llavakit
 
     model = args.model or default_model_dir()
-    if not args.model:
-        print("[llavakit] no --model given: using a tiny model with random weights; its answers are noise.",
-              file=sys.stderr)
     return llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template)
 
 
@@ -222,7 +220,7 @@ def cmd_init(args) -> int:
 
     out = init_checkpoint(Path(args.out), args.family, args.vision, args.text,
                           corpus=[Path(c) for c in args.tokenizer_corpus], vocab_size=args.vocab_size,
-                          seed=args.seed, max_tiles=args.max_tiles)
+                          seed=args.seed, max_tiles=args.max_tiles, vision_init=args.vision_init)
     import llavakit
 
     info = llavakit.load(out, dtype="float32").info()
@@ -279,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
-        sp.add_argument("--model", help="checkpoint folder or hub id (default: a tiny random demo model)")
+        sp.add_argument("--model", help="checkpoint folder or hub id (default: llava-shapes, the tiny shipped model "
+                        "that knows coloured shapes)")
         sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
         sp.add_argument("--vision-tower", help="original-format checkpoints: the CLIP/SigLIP folder when not stored")
         sp.add_argument("--conv-template", help="original-format checkpoints: conversation template "
@@ -409,6 +408,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="text spec: JSONL/text files to learn the vocabulary from (repeatable)")
     ini.add_argument("--vocab-size", type=int, default=1000, help="text spec: vocabulary size at most")
     ini.add_argument("--max-tiles", type=int, default=9, help="OneVision: anyres_max_N")
+    ini.add_argument("--vision-init", default="random", choices=["random", "structured"],
+                     help="vision spec: random weights, or patch embeddings that average sub-block colours and "
+                          "2-D sine-cosine position codes")
     ini.add_argument("--seed", type=int, default=0)
     ini.set_defaults(func=cmd_init)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce llavakit's shipped model, llava-shapes: the synthetic shapes world, a tiny LLaVA-OneVision
 # assembled from size specs, stage 1 (projector on captions), stage 2 (everything on instructions),
-# and the held-out evaluation. About 35 minutes on 2 CPU cores.
+# and the held-out evaluation. About 27 minutes on 2 CPU cores.
 #
 #   scripts/train_shapes_model.sh [WORK_DIR]      (default: ./shapes-run; the model ends in WORK_DIR/model)
 set -euo pipefail

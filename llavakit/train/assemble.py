@@ -176,8 +176,13 @@ def _pinpoints(family: str, side: int) -> list[list[int]] | None:
 
 
 def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list[Path] = (),
-                    vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9) -> Path:
-    """Assemble a new checkpoint folder (see the module docstring); returns `out`."""
+                    vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9, vision_init: str = "random") -> Path:
+    """Assemble a new checkpoint folder (see the module docstring); returns `out`.
+
+    vision_init: for a vision spec, "random" (normal 0.02) or "structured" (see `_structured_vision_init`).
+    """
+    if vision_init not in ("random", "structured"):
+        raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")
     from tokenizers import AddedToken, Tokenizer
 
     if family not in FAMILIES:
@@ -227,6 +232,8 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     torch.manual_seed(seed)
     model = LlavaModel(cfg)
     _init_random(model, text_cfg["hidden_size"])
+    if vision_init == "structured" and not vision_w:
+        _structured_vision_init(model)
     state = model.state_dict()
     for name, t in {**vision_w, **text_w}.items():
         if name not in state:
@@ -269,6 +276,47 @@ def _init_random(model: LlavaModel, width: int) -> None:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
+
+
+def _structured_vision_init(model: LlavaModel) -> None:
+    """Start a tower from the pixels and their places instead of from noise.
+
+    The first channels of each patch embedding average the colours of its sub-blocks (4×4 per
+    patch where the width allows); the position embeddings of the remaining channels are 2-D
+    sine-cosine codes of the patch's column and row (as in MAE). A tower trained from scratch
+    through a language model's loss learns slowly while its features are random projections: with
+    colours and coordinates in the residual stream from the first step, the decoder can read what
+    is where at once, and training refines both.
+    """
+    emb = model.vision_tower.embeddings
+    conv, pos = emb.patch_embedding, emb.position_embedding.weight  # (D, 3, p, p), (P*P [+1], D)
+    hidden, channels, p, _ = conv.weight.shape
+    grid = next(g for g in (4, 2, 1) if p % g == 0 and g * g * channels <= hidden // 2)
+    s = p // grid
+    side = model.cfg.vision.patches_per_side
+    with torch.no_grad():
+        k = 0
+        for c in range(channels):
+            for i in range(grid):
+                for j in range(grid):
+                    conv.weight[k].zero_()
+                    conv.weight[k, c, i * s:(i + 1) * s, j * s:(j + 1) * s] = 1.0 / (s * s)
+                    k += 1
+        if conv.bias is not None:
+            conv.bias[:k].zero_()
+        conv.weight[k:].mul_(0.1)  # the other channels: random, but quiet next to the codes
+        half = (hidden - k) // 2
+        freqs = 1.0 / (100.0 ** (torch.arange(half // 2, dtype=torch.float32) / max(1, half // 2)))
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+        def code(x: torch.Tensor) -> torch.Tensor:  # (P*P,) → (P*P, half)
+            angles = x.flatten()[:, None].float() * freqs[None]
+            return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+        first = pos.shape[0] - side * side  # CLIP's class position comes first
+        pos[first:].zero_()
+        pos[first:, k:k + 2 * (half // 2)] = code(cols)
+        pos[first:, k + 2 * (half // 2):k + 4 * (half // 2)] = code(rows)
 
 
 def _write(path: Path, data: dict) -> None:

@@ -1,6 +1,7 @@
 """`llavakit batch` on this machine: a folder with broken files, a killed and resumed job, JSONL and Parquet inputs.
 
-The default model (random weights) answers noise, but deterministic noise: that is what is checked.
+The default model knows only coloured shapes, so about these random-noise pictures its answers are
+meaningless, but deterministic: that is what is checked.
 """
 
 import base64
@@ -68,7 +69,7 @@ def test_a_folder_job_answers_every_image_and_records_the_broken_ones(reference)
     assert "sub/img01.png" in answered and "img00.png" in answered  # ids are paths relative to the folder
     for r in answered.values():
         assert isinstance(r["answer"], str) and r["finish_reason"] in ("stop", "length")
-        assert 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 576 and r["seconds"] >= 0
+        assert 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 78 and r["seconds"] >= 0
     failed = {k: r for k, r in reference.items() if r["error"] is not None}
     assert set(failed) == set(BROKEN)
     for name, r in failed.items():
@@ -81,9 +82,10 @@ def test_a_folder_job_answers_every_image_and_records_the_broken_ones(reference)
 
 def test_a_killed_job_resumes_to_exactly_the_uninterrupted_answers(folder, reference, tmp_path):
     out = tmp_path / "out.jsonl"
-    # Small engine batches: the answers must not depend on batching, and lines arrive a few at a time.
+    # One request at a time: the answers must not depend on batching, and lines arrive one by one,
+    # so the kill lands half-way however fast the model answers.
     cmd = [sys.executable, "-m", "llavakit", "batch", "--input", str(folder), "--output", str(out),
-           "--max-new-tokens", "8", "--max-batch-size", "8", "--no-progress"]
+           "--max-new-tokens", "8", "--max-batch-size", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline, lines = time.monotonic() + 120, 0
@@ -156,7 +158,7 @@ def test_jsonl_requests_with_overrides_and_bad_lines(requests, tmp_path):
     assert got["path"]["prompt_tokens"] == got["messages"]["prompt_tokens"]
     for rid in ("default-prompt", "two-images", "text-only"):
         assert got[rid]["error"] is None, got[rid]
-    assert got["two-images"]["prompt_tokens"] > 2 * 576
+    assert got["two-images"]["prompt_tokens"] > 2 * 37  # two untiled images of 36 features and a newline
     assert got["text-only"]["prompt_tokens"] < 100
     # per-item sampling is applied: a forced length, and a seeded sample that differs from greedy
     assert got["forced-length"]["completion_tokens"] == 5 and got["forced-length"]["finish_reason"] == "length"

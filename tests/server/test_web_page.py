@@ -31,8 +31,8 @@ if CHROMIUM is None:
 expect = sync_api.expect
 
 PICTURE = Path(__file__).resolve().parents[2] / "examples" / "picture.png"
-QUESTION = "What shape is in the picture?"
-MAX_IMAGE_PIXELS = 1_000_000  # examples/picture.png (480x320) passes, BIG_IMAGE does not
+QUESTION = "What colour is the square?"
+MAX_IMAGE_PIXELS = 1_000_000  # examples/picture.png (96x96) passes, BIG_IMAGE does not
 BIG_IMAGE = (1200, 1000)
 ANSWER_TIMEOUT_MS = 30_000
 STEP_TIMEOUT_MS = 10_000
@@ -41,12 +41,8 @@ FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision":
 
 
 def check_answer(answer: str) -> None:
-    """What an answer to QUESTION about examples/picture.png must be.
-
-    The default model has random weights for now: any non-empty text passes. Tighten this once
-    the trained default model (which answers questions about shapes) replaces it.
-    """
-    assert answer.strip(), "the page shows an empty answer"
+    """What an answer to QUESTION about examples/picture.png must be: the shipped model sees the blue square."""
+    assert answer.strip() == "blue", answer
 
 
 # ───────────────────────────── fixtures ─────────────────────────────
@@ -257,7 +253,7 @@ def test_image_question_streams_an_answer_then_a_second_turn_sends_the_whole_con
     tricky = '<img src=x onerror="window.__pwned = 1">Which <b>colour</b> is it? & why'
     chat.ask(tricky)
     second = chat.wait_answer(1)
-    check_answer(second)
+    assert second.strip()  # a question outside the shapes world: any answer, shown as text
     messages = chat.requests[1]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0] == sent["messages"][0]

@@ -196,3 +196,21 @@ def test_cli_train_and_eval(base, tmp_path, capsys):
     assert "| **overall** | " in out and "/3 |" in out
     np.testing.assert_equal(main(["train", "--model", str(model), "--data", str(tmp_path / "nope.jsonl"),
                                   "--out", str(tmp_path / "z")]), 2)
+
+
+def test_structured_vision_init_starts_from_colours_and_places(base, tmp_path):
+    _, data = base
+    out = init_checkpoint(tmp_path / "s", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300,
+                          vision_init="structured")
+    emb = llavakit.load(out, dtype="float32").model.vision_tower.embeddings
+    w = emb.patch_embedding.weight  # (32, 3, 8, 8): 2x2 sub-blocks x 3 colours = 12 pooling channels
+    pixels = torch.zeros(1, 3, 32, 32)
+    pixels[0, 0, :4, :4] = 1.0  # red in the top-left quarter of the first patch
+    first = torch.nn.functional.conv2d(pixels, w, emb.patch_embedding.bias)[0, :12, 0, 0]
+    assert torch.allclose(first[:12], torch.tensor([1.0] + [0.0] * 11))
+    pos = emb.position_embedding.weight  # (16, 32): 4x4 patches
+    assert torch.equal(pos[:, :12], torch.zeros(16, 12))
+    assert not torch.equal(pos[0, 12:], pos[1, 12:]) and not torch.equal(pos[0, 12:], pos[4, 12:])
+    assert torch.equal(pos[0, 12:22], pos[4, 12:22])  # the column code: patches 0 and 4 share a column
+    with pytest.raises(Exception, match="vision-init must be random or structured"):
+        init_checkpoint(tmp_path / "t", "llava_onevision", VISION, TEXT, corpus=[data], vision_init="nope")
