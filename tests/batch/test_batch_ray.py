@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import llavakit
 from llavakit.batch import JobConfig, run_local
 from llavakit.cli import default_model_dir
+
+from batch_helpers import make_folder, read
 
 
 def _need_ray():
@@ -24,28 +24,6 @@ def _need_ray():
     if importlib.util.find_spec("ray") is None:
         pytest.skip("the Ray path needs the llavakit[ray] extra")
     return pytest.importorskip("pyarrow")
-
-
-def make_folder(root, n=47):
-    """n small PNGs of three sizes (every other one in a subfolder) and three broken files."""
-    rs = np.random.RandomState(0)
-    (root / "sub").mkdir(parents=True)
-    for i in range(n):
-        h, w = [(32, 32), (48, 64), (80, 40)][i % 3]
-        name = f"sub/img{i:02d}.png" if i % 2 else f"img{i:02d}.png"
-        Image.fromarray((rs.rand(h, w, 3) * 255).astype("uint8")).save(root / name)
-    data = (root / "img00.png").read_bytes()
-    (root / "truncated.png").write_bytes(data[: len(data) // 2])
-    (root / "noise.jpg").write_bytes(rs.bytes(500))
-    (root / "empty.png").write_bytes(b"")
-    return root
-
-
-def read(path):
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    by_id = {r["id"]: r for r in records}
-    assert len(by_id) == len(records), "an id appears twice"
-    return by_id
 
 
 def test_the_ray_job_gives_the_local_answers(tmp_path):
