@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import LlavakitError
+from ..progress import StatusLine, clock
 
 # Output columns, in order; a Parquet output has exactly these (see ray_job.SCHEMA).
 FIELDS = ("id", "answer", "prompt_tokens", "completion_tokens", "finish_reason", "seconds", "error")
@@ -156,26 +156,20 @@ def prepare_output(path: Path, resume: bool, overwrite: bool) -> set[str]:
 
 
 class Progress:
-    """A one-line progress report on stderr: items done, items/s, ETA, errors so far.
-
-    On a terminal the line is redrawn in place (carriage return) a few times a second; into a
-    file or pipe a plain line is written every `log_every_s` seconds, so logs stay readable.
-    """
+    """Batch progress on one status line (see llavakit.progress): items done, items/s, ETA, errors so far."""
 
     def __init__(self, total: int | None, skipped: int = 0, stream: TextIO | None = None, log_every_s: float = 10.0):
         self.total, self.skipped = total, skipped
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = 0.2 if self.tty else log_every_s
+        self.status = StatusLine(stream, log_every_s)
         self.done = self.errors = 0
-        self.started = self._shown = time.monotonic()
+        self.started = time.monotonic()
 
     def update(self, n: int = 1, errors: int = 0) -> None:
         """Count `n` finished items, `errors` of which failed."""
         self.done += n
         self.errors += errors
-        if time.monotonic() - self._shown >= self.every:
-            self._show()
+        if self.status.due():
+            self.status.show(self.line())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -186,21 +180,9 @@ class Progress:
             text += f" ({self.skipped} from before)"
         text += f"  {rate:.2f} items/s"
         if self.total is not None and rate > 0:
-            left = max(self.total - count, 0) / rate
-            text += f"  ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+            text += f"  ETA {clock(max(self.total - count, 0) / rate)}"
         return text + f"  errors {self.errors}"
-
-    def _show(self) -> None:
-        self._shown = time.monotonic()
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\x1b[K")
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
 
     def finish(self) -> None:
         """The final line, with the total time."""
-        elapsed = time.monotonic() - self.started
-        self.stream.write(("\r" if self.tty else "") + self.line() + f"  in {elapsed:.1f} s" +
-                          ("\x1b[K" if self.tty else "") + "\n")
-        self.stream.flush()
+        self.status.close(self.line() + f"  in {time.monotonic() - self.started:.1f} s")

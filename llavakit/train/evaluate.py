@@ -7,12 +7,12 @@ period). Records run through the engine in windows, so continuous batching keeps
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.sampling import SamplingParams
+from ..progress import StatusLine
 from .data import DataError, read_records
 
 
@@ -63,6 +63,7 @@ def evaluate_file(vlm, data: Path, limit: int | None = None, window: int = 32, m
     result = EvalResult()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     start = time.perf_counter()
+    status = StatusLine() if progress else None
     for i in range(0, len(items), window):
         chunk = items[i:i + window]
         outs = vlm.generate([prompt for _, prompt, _, _ in chunk], params)
@@ -72,12 +73,13 @@ def evaluate_file(vlm, data: Path, limit: int | None = None, window: int = 32, m
             result.correct[qtype] = result.correct.get(qtype, 0) + ok
             if not ok:
                 result.wrong.append({"id": rid, "type": qtype, "expected": reference, "got": out.text})
-        if progress:
+        if status is not None:
             done = min(i + window, len(items))
-            elapsed = time.perf_counter() - start
-            print(f"\r[{done}/{len(items)}] accuracy {100 * result.accuracy:.1f}% | {done / elapsed:.1f} questions/s",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            text = (f"[{done}/{len(items)}] accuracy {100 * result.accuracy:.1f}% | "
+                    f"{done / (time.perf_counter() - start):.1f} questions/s")
+            if done == len(items):
+                status.close(text)
+            else:
+                status.show(text)
     result.seconds = time.perf_counter() - start
     return result

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlavakitError
+from ..progress import StatusLine, clock
 from .data import DataError, Example, Record, collate, encode_example, read_records
 from .objective import enable_checkpointing, loss_sum
 
@@ -260,8 +261,8 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
     model.train()
     order = _order(len(records), cfg.seed, state.epoch)
     history, started, last_eval = [], time.perf_counter(), None
-    done_at_start = state.samples
-    bar = _Bar(total, enabled=progress)
+    done_at_start, start_step = state.samples, state.step
+    status = StatusLine() if progress else None
     while state.step < total:
         opt.zero_grad(set_to_none=True)
         batches = []
@@ -290,15 +291,23 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
         state.step += 1
         state.samples += micro
         history.append(step_loss)
-        rate = (state.samples - done_at_start) / (time.perf_counter() - started)
-        bar.update(state.step, f"loss {step_loss:.4f} lr {sched.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
+        if status is not None and (status.due() or state.step == total):
+            elapsed = time.perf_counter() - started
+            rate = (state.samples - done_at_start) / elapsed
+            eta = elapsed / (state.step - start_step) * (total - state.step)
+            text = (f"[{state.step}/{total} {100 * state.step / total:5.1f}%] loss {step_loss:.4f} "
+                    f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} samples/s | {clock(elapsed)} < {clock(eta)}")
+            if state.step == total:
+                status.close(text)
+            else:
+                status.show(text)
         if cfg.eval_every and eval_records and state.step % cfg.eval_every == 0 and state.step < total:
             last_eval = evaluate(vlm, eval_records, cfg)
-            bar.note(f"step {state.step}: eval loss {last_eval:.4f}")
+            if status is not None:
+                status.note(f"[llavakit] step {state.step}: eval loss {last_eval:.4f}")
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
             _save(vlm, adapters, out / f"checkpoint-{state.step}", cfg, state, opt, sched, model_dir)
             _prune(out, cfg.keep_checkpoints)
-    bar.close()
     if eval_records:
         last_eval = evaluate(vlm, eval_records, cfg)
         log(f"[llavakit] eval loss {last_eval:.4f} on {len(eval_records)} records")
@@ -361,38 +370,3 @@ def _prune(out: Path, keep: int) -> None:
     found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for old in found[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-class _Bar:
-    """One progress line on stderr: step/total, percentage, the caller's metrics, elapsed and ETA."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last_print = 0.0
-
-    def update(self, step: int, text: str) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        elapsed = now - self.start
-        eta = elapsed / step * (self.total - step) if step else 0.0
-        line = f"[{step}/{self.total} {100 * step / self.total:5.1f}%] {text} | {_clock(elapsed)} < {_clock(eta)}"
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif now - self.last_print >= 10 or step == self.total:  # logs: a line every 10 s
-            print(line, file=sys.stderr, flush=True)
-            self.last_print = now
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            print(("\n" if self.tty else "") + "[llavakit] " + text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"

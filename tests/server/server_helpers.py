@@ -123,6 +123,16 @@ class Server:
 # ───────────────────────────── media helpers ─────────────────────────────
 
 
+def wait_for_metrics(server: Server, condition, timeout: float = 20.0, poll: float = 0.05) -> dict[str, float]:
+    """The server's metrics once `condition(metrics)` holds, or the last reading after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if condition(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(poll)
+
+
 def png_bytes(w: int, h: int, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 
-from server_helpers import data_url, image_message, jpeg_bytes, local_message, png_bytes
+from server_helpers import data_url, image_message, jpeg_bytes, local_message, png_bytes, wait_for_metrics
 
 QUESTION = "What is in the picture?"
 
@@ -258,21 +258,12 @@ def _open_stream(port: int, body: dict) -> socket.socket:
     return sock
 
 
-def _wait_for(s, condition, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = s.metrics()
-        if condition(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
-
-
 def test_overload_answers_429_with_retry_after(server):
     s = server("llama")
     # --max-concurrent-requests is 64 choices: eight long streams of n=8 fill it
     socks = [_open_stream(s.port, ok_request(max_tokens=3000, n=8, stream=True, ignore_eos=True)) for _ in range(8)]
     try:
-        assert _wait_for(s, lambda m: m["llavakit_choices_in_flight"] == 64)["llavakit_choices_in_flight"] == 64
+        assert wait_for_metrics(s, lambda m: m["llavakit_choices_in_flight"] == 64)["llavakit_choices_in_flight"] == 64
         status, body, headers = s.post(ok_request())
         assert status == 429, body
         assert body["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
@@ -280,7 +271,7 @@ def test_overload_answers_429_with_retry_after(server):
     finally:
         for sock in socks:
             sock.close()
-    m = _wait_for(s, lambda m: m["llavakit_choices_in_flight"] == 0 and m["llavakit_running_requests"] == 0)
+    m = wait_for_metrics(s, lambda m: m["llavakit_choices_in_flight"] == 0 and m["llavakit_running_requests"] == 0)
     assert m["llavakit_choices_in_flight"] == 0 and m["llavakit_running_requests"] == 0
     assert s.post(ok_request())[0] == 200
 
@@ -297,9 +288,9 @@ def test_disconnect_mid_request_aborts_it(server, stream):
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
         sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw)
-        _wait_for(s, lambda m: m["llavakit_running_requests"] > 0)  # generating
+        wait_for_metrics(s, lambda m: m["llavakit_running_requests"] > 0)  # generating
     sock.close()
-    m = _wait_for(s, lambda m: m.get("llavakit_engine_requests_aborted", 0) > before
+    m = wait_for_metrics(s, lambda m: m.get("llavakit_engine_requests_aborted", 0) > before
                   and m["llavakit_choices_in_flight"] == 0 and m["llavakit_running_requests"] == 0)
     assert m.get("llavakit_engine_requests_aborted", 0) > before
     assert m["llavakit_choices_in_flight"] == 0 and m["llavakit_running_requests"] == 0

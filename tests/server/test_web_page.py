@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server_helpers import Server
+from server_helpers import Server, wait_for_metrics
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -166,15 +166,6 @@ def user_texts(messages: list[dict]) -> list[str]:
     return out
 
 
-def wait_metrics(live: Server, ok, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = live.metrics()
-        if ok(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
-
-
 # ───────────────────────────── tests ─────────────────────────────
 
 
@@ -289,8 +280,8 @@ def test_stop_ends_the_stream_and_the_server_aborts_the_request(chat, live):
     expect(page.locator(".stats").nth(0)).to_contain_text("stopped")
     expect(page.get_by_role("button", name="Stop")).to_be_hidden()
     expect(page.get_by_role("button", name="Send")).to_be_visible()
-    m = wait_metrics(live, lambda m: m["llavakit_running_requests"] == 0 and m["llavakit_choices_in_flight"] == 0
-                     and m.get("llavakit_engine_requests_aborted", 0) > before)
+    m = wait_for_metrics(live, lambda m: m["llavakit_running_requests"] == 0 and m["llavakit_choices_in_flight"] == 0
+                     and m.get("llavakit_engine_requests_aborted", 0) > before, timeout=10.0)
     assert m["llavakit_running_requests"] == 0 and m["llavakit_choices_in_flight"] == 0
     assert m.get("llavakit_engine_requests_aborted", 0) > before, "the server did not abort the request"
     chat.shot("stopped")
