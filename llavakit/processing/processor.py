@@ -143,9 +143,22 @@ class Processor:
             tiles = anyres_tiles(image, self.image_cfg, m.image_grid_pinpoints, m.vision.image_size)
         else:
             tiles = square_tile(image, self.image_cfg)[None]
-        count = anyres.image_token_count((image.height, image.width), m.image_grid_pinpoints, m.vision.image_size,
-                                         m.vision.patches_per_side, m.image_features_per_tile, m.max_tiles, tiled)
-        return tiles, count
+        return tiles, self.image_tokens((image.height, image.width), tiled)
+
+    def tiles_images(self, n_images: int) -> bool:
+        """Whether the images of a conversation with `n_images` of them are tiled: always, except that
+        OneVision (as the reference) encodes each of several images as one square tile."""
+        return not (self.model.max_tiles is not None and n_images > 1)
+
+    def image_tokens(self, size: tuple[int, int], tiled: bool) -> int:
+        """`<image>` tokens of one image of (height, width) `size`."""
+        m = self.model
+        return anyres.image_token_count(size, m.image_grid_pinpoints, m.vision.image_size, m.vision.patches_per_side,
+                                        m.image_features_per_tile, m.max_tiles, tiled)
+
+    def video_tokens(self, frames: int) -> int:
+        """`<video>` tokens of a video of `frames` sampled frames."""
+        return anyres.video_token_count(frames, self.model.vision.patches_per_side)
 
     def video_inputs(self, video: VideoPart) -> tuple[np.ndarray, int]:
         """Frames (F, 3, S, S) of one video and its number of `<video>` tokens."""
@@ -155,7 +168,7 @@ class Processor:
         sampling = FrameSampling(num_frames=num_frames, fps=video.fps, max_frames=video.max_frames or 64)
         frames = load_video(video.source, sampling)
         pixels = np.stack([preprocess(f, self.video_cfg) for f in frames])
-        return pixels, anyres.video_token_count(len(frames), self.model.vision.patches_per_side)
+        return pixels, self.video_tokens(len(frames))
 
     def render(self, messages: Any, add_generation_prompt: bool = True) -> tuple[str, Conversation]:
         """The chat template applied to a conversation, and the validated conversation with its media."""
@@ -174,7 +187,7 @@ class Processor:
         tok = self.tokenizer
         images = [load_image(src) for src in image_sources]
         # OneVision (as the reference): a conversation with several images encodes each as one square tile.
-        tiled = not (self.model.max_tiles is not None and len(images) > 1)
+        tiled = self.tiles_images(len(images))
         image_in = [self.image_inputs(im, tiled) for im in images]
         video_in = [self.video_inputs(v) for v in videos]
         m = self.model

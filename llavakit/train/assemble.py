@@ -23,7 +23,7 @@ from ..config import LlavaConfig
 from ..errors import ConfigError
 from ..model.llava import LlavaModel
 from ..processing.prompt import DEFAULT_TEMPLATES, load_chat_template
-from ..random_init import _write_processor
+from ..random_init import _write, _write_processor
 from ..weights import read_tensors, save_weights
 
 FAMILIES = ("llava", "llava_next", "llava_onevision")
@@ -317,7 +317,3 @@ def _structured_vision_init(model: LlavaModel) -> None:
         pos[first:].zero_()
         pos[first:, k:k + 2 * (half // 2)] = code(cols)
         pos[first:, k + 2 * (half // 2):k + 4 * (half // 2)] = code(rows)
-
-
-def _write(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

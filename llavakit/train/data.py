@@ -24,7 +24,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .. import anyres
 from ..errors import LlavakitError
 from ..processing.processor import Processor
 from ..processing.prompt import render_template, split_conversation
@@ -300,12 +299,9 @@ def _labels(proc: Processor, text: str, spans: list[tuple[int, int]], enc) -> li
         add_special = not (tok.bos_token and text.startswith(tok.bos_token))
         encoding = tok.tok.encode(text, add_special_tokens=add_special)
         compact, offsets = encoding.ids, encoding.offsets
-    p = m.vision.patches_per_side
-    runs = {m.image_token_id: [anyres.image_token_count(size, m.image_grid_pinpoints, m.vision.image_size, p,
-                                                        m.image_features_per_tile, m.max_tiles, tiled)
-                               for size, tiled in zip(enc.image_sizes, enc.image_tiled)]}
+    runs = {m.image_token_id: [proc.image_tokens(size, tiled) for size, tiled in zip(enc.image_sizes, enc.image_tiled)]}
     if m.video_token_id is not None:
-        runs[m.video_token_id] = [anyres.video_token_count(f, p) for f in enc.video_frames]
+        runs[m.video_token_id] = [proc.video_tokens(f) for f in enc.video_frames]
     ids, labels = [], []
     for i, (a, b) in zip(compact, offsets):
         if i in runs and runs[i]:

@@ -105,15 +105,13 @@ def check_record(proc, rec: Record, max_length: int) -> None:
     """Raise a LlavakitError if a record cannot be trained on (cheap: image headers, no pixels)."""
     from PIL import Image
 
-    from .. import anyres
     from ..processing.image import load_image
     from ..processing.prompt import split_conversation
     from .data import assistant_spans
 
     text, _ = assistant_spans(proc, rec.messages)
     conv = split_conversation(rec.messages)
-    m = proc.model
-    tiled = not (m.max_tiles is not None and len(conv.images) > 1)
+    tiled = proc.tiles_images(len(conv.images))
     n = 0
     for src in conv.images:
         if isinstance(src, str) and Path(src).is_file():
@@ -125,13 +123,12 @@ def check_record(proc, rec: Record, max_length: int) -> None:
         else:
             im = load_image(src)
             w, h = im.size
-        n += anyres.image_token_count((h, w), m.image_grid_pinpoints, m.vision.image_size, m.vision.patches_per_side,
-                                      m.image_features_per_tile, m.max_tiles, tiled)
+        n += proc.image_tokens((h, w), tiled)
     for v in conv.videos:
         if isinstance(v.source, str) and not v.source.startswith(("http", "data:")) and not Path(v.source).is_file():
             raise DataError(f"video {v.source} does not exist")
         frames = v.num_frames or proc.num_frames
-        n += anyres.video_token_count(frames, m.vision.patches_per_side)
+        n += proc.video_tokens(frames)
     length = len(proc.tokenizer.encode(text)) + n
     if length > max_length:
         raise DataError(f"about {length} tokens after tokenization, more than --max-length {max_length}")
