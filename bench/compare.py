@@ -5,10 +5,12 @@
 
 Builds the preset with random weights (cached under bench/.cache), measures this machine's limits
 (CPU: memory read bandwidth and matmul peak; CUDA: the GPU's copy and read bandwidth and matmul
-peak), then runs each engine in its own process (on CPU with the same thread count) and writes
+peak), then runs each engine in its own process (on CPU with the same thread count): llavakit,
+llavakit with `quantize="int8"` (skip it with --no-int8) and transformers, and writes
 <out>/<preset>[-<layers>l]-<dtype>[-cuda].json and .md. Random weights never stop by themselves,
 so output lengths are forced (llavakit: `ignore_eos`; transformers: `min_new_tokens`). Every number
-is the median of --runs runs after a warm-up.
+is the median of --runs runs after a warm-up. The int8 model's last-position logits on three
+prompts are compared with the unquantised model's (cosine similarity, worst of the three).
 
 --time-limit bounds the whole run: each worker stops starting measurements near its share of the
 time and is killed at its end; whatever was measured is still written (missing rows show "—").
@@ -135,8 +137,8 @@ class Recorder:
     """A worker's results, written to `path` after every entry: a worker killed at its deadline
     leaves everything it measured. A failing measurement is recorded under "errors", not raised."""
 
-    def __init__(self, path: Path, device: str, deadline: float | None):
-        self.path, self.device, self.deadline = path, device, deadline
+    def __init__(self, path: Path, device: str, deadline: float | None, only: set[str] | None = None):
+        self.path, self.device, self.deadline, self.only = path, device, deadline, only
         self.res: dict = {"errors": {}, "runs_used": {}, "skipped": []}
         self.used: int | None = None  # calls the current measurement timed (set by median)
 
@@ -150,6 +152,8 @@ class Recorder:
 
     def measure(self, key: str, thunk, always: bool = False) -> None:
         """res[key] = thunk(), unless the deadline has passed (and not `always`) or it fails."""
+        if self.only is not None and key not in self.only and not always:
+            return  # not asked for (--only)
         if self.late() and not always:
             self.res["skipped"].append(key)
             self.write()
@@ -182,11 +186,12 @@ def worker_llavakit(ckpt: Path, args, rec: Recorder) -> None:
 
     device = args.device
     vlm = None
+    quantize = "int8" if args.worker == "llavakit-int8" else "none"
 
     def load():
         nonlocal vlm
         t = time.perf_counter()
-        vlm = llavakit.load(ckpt, dtype=args.dtype, device=device)
+        vlm = llavakit.load(ckpt, dtype=args.dtype, device=device, quantize=quantize)
         _sync(device)
         return time.perf_counter() - t
 
@@ -205,6 +210,20 @@ def worker_llavakit(ckpt: Path, args, rec: Recorder) -> None:
             return rec.median(lambda: vlm.model.encode_tiles(tiles), args.runs) / tiles.shape[0]
 
     rec.measure("vision_per_tile_s", vision)
+
+    def last_logits():  # for the int8 accuracy check: last-position logits of three prompts
+        out = []
+        for q in QUESTIONS[:3]:
+            batch = vlm.prepare([_conv(img384, q)])
+            with torch.inference_mode():
+                embeds = vlm.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes,
+                                                batch.image_tiled, batch.video_pixels, batch.video_frames)
+                positions = torch.arange(batch.input_ids.shape[1], device=device)[None]
+                out.append(vlm.model.decode(embeds, positions, None, None, last_only=True).float().reshape(-1).cpu())
+        torch.save(torch.stack(out), rec.path.with_suffix(".logits.pt"))
+        return True
+
+    rec.measure("logits_saved", last_logits, always=True)
 
     def fresh():  # no image or prefix cache carried over: a cold request
         vlm.engine.clear_caches()
@@ -253,6 +272,16 @@ def worker_llavakit(ckpt: Path, args, rec: Recorder) -> None:
                                                          args.throughput_runs))
     rec.measure("eight_unique_images_s", lambda: rec.median(lambda: (fresh(), vlm.generate(unique, params)),
                                                             args.throughput_runs))
+
+
+def logits_cosine(a: Path, b: Path) -> float | None:
+    """The lowest cosine similarity between matching rows of two saved logits files (None if missing)."""
+    import torch
+
+    if not (a.is_file() and b.is_file()):
+        return None
+    x, y = torch.load(a, weights_only=True).double(), torch.load(b, weights_only=True).double()
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=-1).min())
 
 
 def _transformers_class(model_type: str):
@@ -375,7 +404,7 @@ def weight_bytes(ckpt: Path) -> dict:
 
     from llavakit.weights import canonical_key, weight_files
 
-    total, decode, vision = 0, 0, 0
+    total, decode, vision, decode_int8 = 0, 0, 0, 0
     cfg = json.loads((ckpt / "config.json").read_text())
     tied = cfg.get("tie_word_embeddings", False)
     for path in weight_files(ckpt):
@@ -389,7 +418,11 @@ def weight_bytes(ckpt: Path) -> dict:
                     vision += n
                 elif name != "language_model.embed_tokens.weight" or tied:
                     decode += n
-    return {"total": total, "decode": decode, "vision": vision}
+                    shape = sl.get_shape()
+                    linear = len(shape) == 2 and not name.endswith("norm.weight")
+                    decode_int8 += (int(np.prod(shape)) + shape[0] * 2) if linear else n
+    # int8: one byte per decoder/head weight plus one scale (in the compute dtype) per output channel.
+    return {"total": total, "decode": decode, "vision": vision, "decode_int8": decode_int8}
 
 
 ROWS = [
@@ -428,6 +461,7 @@ def report(results: dict, machine: dict, weights: dict, args, ckpt: Path) -> str
     import torch
 
     ours, hf = results.get("llavakit", {}), results.get("transformers", {})
+    q8 = results.get("llavakit-int8")
     cuda = args.device == "cuda"
     try:
         import transformers
@@ -443,19 +477,25 @@ def report(results: dict, machine: dict, weights: dict, args, ckpt: Path) -> str
              f"({args.throughput_runs} for the 8-request rows); {args.new_tokens} tokens for decode, "
              f"{args.concurrent_new_tokens} per request for the 8-request rows; the 8 requests run on llavakit's engine "
              "and one by one on transformers.", "",
-             "| measure | llavakit | transformers | ratio (llavakit / transformers) |", "|---|---|---|---|"]
+             *_table_head(q8 is not None)]
     for key, label, _ in ROWS[:3] + (GPU_ROWS if cuda else []) + ROWS[3:]:
-        lines.append(f"| {label} | {_num(ours.get(key), cuda)} | {_num(hf.get(key), cuda)} | "
-                     f"{_ratio(ours.get(key), hf.get(key))} |")
+        cells = [_num(ours.get(key), cuda)] + ([_num(q8.get(key), cuda)] if q8 is not None else [])
+        ratios = [_ratio(ours.get(key), hf.get(key))] + ([_ratio(q8.get(key), hf.get(key))] if q8 is not None else [])
+        lines.append(f"| {label} | {' | '.join(cells)} | {_num(hf.get(key), cuda)} | {' | '.join(ratios)} |")
     padded = hf.get("eight_unique_images_padded_batch_s")
-    lines.append(f"| 8 requests, unique images: transformers padded batch (s) | | {_num(padded, cuda)} | "
-                 f"{_ratio(ours.get('eight_unique_images_s'), padded)} |")
+    blank = " |" if q8 is not None else ""
+    lines.append(f"| 8 requests, unique images: transformers padded batch (s) | |{blank} {_num(padded, cuda)} | "
+                 f"{_ratio(ours.get('eight_unique_images_s'), padded)} |"
+                 + (f" {_ratio(q8.get('eight_unique_images_s'), padded)} |" if q8 is not None else ""))
     bw = machine["read_bandwidth_gbs"]
     pct = {}
-    for name, r in (("llavakit", ours), ("transformers", hf)):
+    engines = [("llavakit", ours, weights["decode"]), ("transformers", hf, weights["decode"])]
+    if q8 is not None:
+        engines.append(("llavakit int8", q8, weights["decode_int8"]))
+    for name, r, nbytes in engines:
         r.pop("decode_bandwidth_pct", None)
         if r.get("decode_tok_s") is not None:
-            r["decode_bandwidth_pct"] = 100 * weights["decode"] * r["decode_tok_s"] / 1e9 / bw
+            r["decode_bandwidth_pct"] = 100 * nbytes * r["decode_tok_s"] / 1e9 / bw
         pct[name] = "—" if r.get("decode_bandwidth_pct") is None else f"{r['decode_bandwidth_pct']:.0f}%"
     if cuda:
         limits = (f"GPU: memory bandwidth {bw:.0f} GB/s (device-to-device copy, read + write), "
@@ -467,8 +507,14 @@ def report(results: dict, machine: dict, weights: dict, args, ckpt: Path) -> str
                   f"(bf16) / {machine['matmul_gflops_float32']:.0f} GFLOP/s (fp32).")
     lines += ["", f"{limits} Decode reads {weights['decode'] / 1e9:.2f} GB of weights per token: llavakit reaches "
               f"{pct['llavakit']} of the {'copy' if cuda else 'read'} bandwidth, transformers {pct['transformers']}."]
+    if q8 is not None:
+        cos = results.get("int8_logits_cosine")
+        lines += ["", f"int8 (weight-only, one scale per output channel) reads {weights['decode_int8'] / 1e9:.2f} GB per "
+                  f"token and reaches {pct['llavakit int8']} of the read bandwidth; its last-position logits have a "
+                  f"cosine similarity of {'—' if cos is None else f'{cos:.5f}'} (worst of three prompts) with the "
+                  "unquantised model's."]
     notes = []
-    for name, r in (("llavakit", ours), ("transformers", hf)):
+    for name, r in [("llavakit", ours)] + ([("llavakit int8", q8)] if q8 is not None else []) + [("transformers", hf)]:
         if not r:
             notes.append(f"{name}: no results (the worker failed before writing any; see the log).")
             continue
@@ -487,6 +533,13 @@ def report(results: dict, machine: dict, weights: dict, args, ckpt: Path) -> str
     return "\n".join(lines)
 
 
+def _table_head(int8: bool) -> list[str]:
+    if not int8:
+        return ["| measure | llavakit | transformers | ratio (llavakit / transformers) |", "|---|---|---|---|"]
+    return ["| measure | llavakit | llavakit int8 | transformers | ratio (llavakit / transformers) | "
+            "ratio (int8 / transformers) |", "|---|---|---|---|---|---|"]
+
+
 def checkpoint_dir(cache: Path, preset: str, layers: int | None, dtype: str) -> Path:
     """Where the random checkpoint of these settings is cached (built on first use)."""
     return cache / f"{preset}-{layers or 'all'}-{dtype}"
@@ -497,7 +550,7 @@ def _flags(args) -> list[str]:
     for flag in ("preset", "dtype", "runs", "throughput_runs", "new_tokens", "concurrent_new_tokens", "threads",
                  "device"):
         out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return out
+    return out + (["--only", args.only] if args.only else [])
 
 
 def main() -> int:
@@ -514,7 +567,10 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, help="seconds for the whole run; partial results are still written")
     p.add_argument("--out", type=Path, default=ROOT / "results", help="folder for the .json and .md results")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache", help="folder for random checkpoints")
-    p.add_argument("--worker", choices=["llavakit", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--no-int8", action="store_true", help="skip the llavakit int8 (weight-only) run")
+    p.add_argument("--only", help="comma-separated measurement keys to run (e.g. decode_tok_s,ttft_384_s); "
+                   "default: all")
+    p.add_argument("--worker", choices=["llavakit", "llavakit-int8", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # time.time() a worker stops measuring at
@@ -529,9 +585,10 @@ def main() -> int:
         print("--device cuda: torch sees no CUDA device.", file=sys.stderr)
         return 2
     if args.worker:
-        rec = Recorder(Path(args.json_out), args.device, args.deadline)
+        rec = Recorder(Path(args.json_out), args.device, args.deadline,
+                       set(args.only.split(",")) if args.only else None)
         rec.write()
-        fn = worker_llavakit if args.worker == "llavakit" else worker_transformers
+        fn = worker_transformers if args.worker == "transformers" else worker_llavakit
         fn(Path(args.ckpt), args, rec)
         rec.write()
         return 0
@@ -562,14 +619,17 @@ def main() -> int:
         (args.out / f"{name}.md").write_text(table + "\n")
         return table
 
-    for engine in ("llavakit", "transformers"):
+    engines = ["llavakit"] + ([] if args.no_int8 else ["llavakit-int8"]) + ["transformers"]
+    shares = {"llavakit": LLAVAKIT_SHARE if args.no_int8 else LLAVAKIT_SHARE * 0.6,
+              "llavakit-int8": LLAVAKIT_SHARE * 0.5, "transformers": 1.0}  # of the time left when each starts
+    for engine in engines:
         out = args.cache / f"{name}.{engine}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(ckpt), "--json-out", str(out)] + _flags(args)
         timeout = None
         if end is not None:
             left = end - time.time() - 3  # room to write the report
-            timeout = max(1.0, left * (LLAVAKIT_SHARE if engine == "llavakit" else 1.0))
+            timeout = max(1.0, left * shares[engine])
             cmd += ["--deadline", str(time.time() + timeout - max(5.0, 0.1 * timeout))]
         print(f"running {engine}{'' if timeout is None else f' (at most {timeout:.0f} s)'} ...", file=sys.stderr)
         t = time.time()
@@ -582,6 +642,9 @@ def main() -> int:
             results[engine]["killed"] = time.time() - t
         elif code != 0:
             print(f"{engine} worker exited with {code}", file=sys.stderr)
+        if engine == "llavakit-int8":
+            results["int8_logits_cosine"] = logits_cosine(args.cache / f"{name}.llavakit.logits.pt",
+                                                          args.cache / f"{name}.llavakit-int8.logits.pt")
         save()
     print(save())
     return 0

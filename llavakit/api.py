@@ -108,12 +108,12 @@ class VLM:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the weights were loaded in."""
-        return self.model.lm_head.weight.dtype
+        return self.model.dtype
 
     @property
     def device(self) -> torch.device:
         """Where the model runs."""
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     # -- inputs -------------------------------------------------------------------------------
     def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
@@ -285,7 +285,7 @@ class VLM:
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
          device: str | torch.device = "cpu",
          revision: str | None = None, vision_tower: str | os.PathLike | None = None,
-         conv_template: str | None = None) -> VLM:
+         conv_template: str | None = None, quantize: str = "none") -> VLM:
     """Load a LLaVA checkpoint from a local folder or a hub id, in the llava-hf or the original format.
 
     dtype: a torch dtype or its name ("float32", "bfloat16", "float16"), or "auto" for the checkpoint's
@@ -294,7 +294,13 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
     step's tensors live. Sampling other than plain greedy runs on the CPU on any device.
     vision_tower, conv_template: original-format checkpoints only: the CLIP/SigLIP folder when the
     checkpoint does not store its tower, and the conversation template when the name does not tell.
+    quantize: "none" or "int8" (weight-only int8 for the decoder and the output head: about 2x fewer
+    bytes read per decoded token; see llavakit/model/quant.py).
     """
+    from .model.quant import QUANTIZE_CHOICES, quantize_model
+
+    if quantize not in QUANTIZE_CHOICES:  # before the slow part
+        raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}.")
     folder = resolve_model_dir(name_or_path, revision)
     raw = read_raw_config(folder)
     torch_dtype = resolve_dtype(dtype, raw, device)
@@ -306,4 +312,5 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
         cfg = LlavaConfig.from_hf(raw)
         processor = Processor.load(folder, cfg)
         model = load_model(folder, cfg, torch_dtype)
-    return VLM(model.to(device), processor, cfg, folder, _eos_ids(folder, cfg, processor))
+    model = quantize_model(model.to(device), quantize)
+    return VLM(model, processor, cfg, folder, _eos_ids(folder, cfg, processor))

@@ -44,7 +44,8 @@ def _load(args):
     import llavakit
 
     model = args.model or default_model_dir()
-    return llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template)
+    return llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
+                         quantize=args.quantize)
 
 
 def _user_message(text: str, media: list[tuple[str, str]], args) -> dict:
@@ -190,6 +191,7 @@ def cmd_batch(args) -> int:
 
         model = args.model or str(default_model_dir())
         load_kwargs = dict(dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
+                           quantize=args.quantize,
                            **({"device": args.device} if args.device else {}))
         summary = run_ray(model, args.input, args.output, job, load_kwargs, resume=args.resume,
                           overwrite=args.overwrite, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
@@ -280,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="checkpoint folder or hub id (default: llava-shapes, the tiny shipped model "
                         "that knows coloured shapes)")
         sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+        sp.add_argument("--quantize", default="none", choices=("none", "int8"),
+                        help="int8: weight-only int8 decoder and output head (faster decoding on CPU)")
         sp.add_argument("--vision-tower", help="original-format checkpoints: the CLIP/SigLIP folder when not stored")
         sp.add_argument("--conv-template", help="original-format checkpoints: conversation template "
                         "(llava_v1, vicuna_v1, mistral_instruct, chatml_direct, llava_llama_3, qwen_1_5)")

@@ -96,6 +96,10 @@ def test_default_model_and_make_random(tmp_path):
     res = _run(["chat", "--max-new-tokens", "8", "--image", str(picture), "What colour is the square?"])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "blue"  # the shipped model answers; nothing was built or downloaded
+    res = _run(["chat", "--quantize", "int8", "--max-new-tokens", "8", "--image", str(picture),
+                "What colour is the square?"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "blue"  # the same answer from the int8 decoder
     res = _run(["make-random", "--out", str(tmp_path / "r"), "--layers", "1"])
     assert res.returncode == 0, res.stderr
     assert llavakit.load(tmp_path / "r").config.text.num_layers == 1

@@ -217,7 +217,7 @@ class Engine:
         self.eos_ids = eos_ids
         self.config = config
         text = model.cfg.text
-        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        dtype, device = model.dtype, model.device
         per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * torch.finfo(dtype).bits // 8
         budget = config.kv_cache_bytes
         if budget is None:  # room for a full batch of 4k-token requests, at most 2 GiB (a GPU: half its free memory)

@@ -46,8 +46,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies (hd/2,) float32 for the configured rope type."""
-    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies (hd/2,) float32 on the CPU for the configured rope type.
+
+    Always on the CPU, even while a model is built on the meta device: arithmetic on meta tensors
+    imports torch._dynamo, which costs about 1 s of a model load.
+    """
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if rope.kind == "linear":
         return inv / rope.factor
     if rope.kind == "llama3":
@@ -79,3 +83,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, T, hd) queries or keys by their positions."""
     return x * cos + _rotate_half(x) * sin
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised: its weights always come from a checkpoint.
+
+    nn.Embedding's own random init calls normal_, which on the meta device imports torch._dynamo:
+    about 1 s of a 1.4 s model load.
+    """
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))

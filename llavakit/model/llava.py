@@ -46,7 +46,12 @@ class LlavaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the output head may be stored quantised; the embeddings never are)."""
+        return self.language_model.embed_tokens.weight.dtype
 
     # -- vision ---------------------------------------------------------------------------------
     def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:

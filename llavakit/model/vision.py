@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import activation
+from .layers import activation, embedding
 
 
 class VisionEmbeddings(nn.Module):
@@ -30,7 +30,7 @@ class VisionEmbeddings(nn.Module):
         n_pos = cfg.patches_per_side**2 + (1 if cfg.has_class_token else 0)
         if cfg.has_class_token:
             self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.position_embedding = nn.Embedding(n_pos, cfg.hidden_size)
+        self.position_embedding = embedding(n_pos, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
