@@ -18,6 +18,7 @@ from PIL import Image
 import llavakit
 from llavakit import anyres
 from llavakit.config import ONEVISION_PINPOINTS
+from reference import ONEVISION_TILE
 
 LOGITS_ATOL = 1e-4
 PIXELS_ATOL = 1e-5
@@ -152,6 +153,8 @@ def _ref_logits(ref, proc, conv, batch_row=None):
 CASES = {
     "one_image": _conv("What is in the picture?", [IMAGES[0]]),
     "downscaled_image": _conv("Describe the image in detail.", [_image(9, 500, 400)]),
+    # Base view and the one grid tile are the same pixels: the tower encodes them once.
+    "square_one_tile": _conv("What is it?", [_image(11, ONEVISION_TILE, ONEVISION_TILE)]),
     "three_images": _conv("Compare them.", IMAGES[:3]),
     "video": _conv("What happens in the video?", videos=[_frames(8, seed=3)]),
     "text_only": _conv("The quick brown fox jumps over the lazy dog."),

@@ -57,10 +57,16 @@ class LlavaModel(nn.Module):
     def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """Projected features (N, F, D) of tower inputs (N, 3, S, S), `chunk` tiles per tower call.
 
-        Chunking bounds the attention activations of the tower when a batch has many tiles.
+        Identical tiles go through the tower once: a square image whose best grid is a single tile
+        (OneVision at 384 px) has a base view equal to its one grid tile, and the tower is most of a
+        cold request's time. Chunking bounds the attention activations when a batch has many tiles.
         """
+        pixels = pixels.to(self.device)
+        unique, index = unique_tiles(pixels)
+        if index is not None:
+            return self.encode_tiles(unique, chunk)[index]
         outs = []
-        for part in pixels.to(self.device).split(chunk):
+        for part in pixels.split(chunk):
             feats = self.vision_tower(part, self.cfg.vision_feature_layers)  # (n, L, Dv*k)
             if self.cfg.select_strategy == "default":
                 feats = feats[:, 1:]  # the class token carries no spatial information
@@ -199,3 +205,24 @@ class LlavaModel(nn.Module):
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
+
+
+def unique_tiles(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(unique tiles, index) with unique[index] == pixels; index is None when no tile repeats.
+
+    Tiles are grouped by their sum, then compared exactly, so equal sums by chance cost one compare.
+    """
+    sums = pixels.flatten(1).double().sum(1).tolist()
+    seen: dict[float, list[int]] = {}  # sum -> positions in `keep`
+    keep: list[int] = []
+    index: list[int] = []
+    for i, key in enumerate(sums):
+        match = next((u for u in seen.get(key, ()) if torch.equal(pixels[keep[u]], pixels[i])), None)
+        if match is None:
+            match = len(keep)
+            keep.append(i)
+            seen.setdefault(key, []).append(match)
+        index.append(match)
+    if len(keep) == len(index):
+        return pixels, None
+    return pixels[keep], torch.tensor(index, device=pixels.device)
