@@ -161,6 +161,7 @@ class _Seq:
     embeds: torch.Tensor | None = None  # (1, prompt, D) while the prompt is being prefilled in chunks
     last_hash: int = 0
     aborted: bool = False
+    prompt_hashes: list[int] = field(default_factory=list)  # chained hash of each full prompt block but the last
 
 
 def _media_of(model: LlavaModel, enc: Encoded) -> list[_Media]:
@@ -361,14 +362,23 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
-            hits, h = [], 0
-            for i in range((len(seq.prompt) - 1) // BLOCK):  # the last prompt token always runs: it gives the logits
-                h = hash((h, tuple(seq.token_keys[i * BLOCK : (i + 1) * BLOCK])))
+            if not seq.prompt_hashes:
+                h = 0
+                for i in range((len(seq.prompt) - 1) // BLOCK):  # the last prompt token always runs: it gives the logits
+                    h = hash((h, tuple(seq.token_keys[i * BLOCK : (i + 1) * BLOCK])))
+                    seq.prompt_hashes.append(h)
+            hits = []
+            for h in seq.prompt_hashes:
                 b = self.pool.lookup(h)
                 if b is None:
                     break
                 hits.append(b)
                 seq.last_hash = h
+            if len(hits) < len(seq.prompt_hashes) and seq.prompt_hashes[len(hits)] in self._in_flight():
+                # A running request is prefilling this very prefix (requests about one image often arrive
+                # together): wait for its blocks instead of computing them a second time.
+                self.pool.release(hits)
+                break
             total = -(-(len(seq.prompt) + seq.state.params.max_new_tokens) // BLOCK)
             self._grow(total - len(hits))
             fresh = self.pool.allocate(total - len(hits))
@@ -387,6 +397,11 @@ class Engine:
             self.counters["prompt_tokens_total"] += len(seq.prompt)
             self.running.append(seq)
 
+
+    def _in_flight(self) -> set[int]:
+        """Prefix hashes of prompt blocks that running requests have yet to fill and publish."""
+        return {h for seq in self.running if seq.length < len(seq.prompt)
+                for h in seq.prompt_hashes[seq.registered:]}
 
     def _register(self, seq: _Seq) -> None:
         """Publish the request's newly filled blocks to the prefix cache (prompt keys, then generated ids)."""

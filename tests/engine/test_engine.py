@@ -240,3 +240,21 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps(models, monkeypatch
         gen = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     cut = next((i + 1 for i, t in enumerate(gen) if t in vlm.eos_ids), len(gen))
     assert got["long"] == gen[:cut]
+
+
+def test_requests_about_one_image_arriving_together_prefill_it_once(models):
+    vlm = models("onevision")[0]
+    engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, EngineConfig(max_batch_size=8))
+    picture = _image(12, 70, 50)
+    questions = ["What is in the picture?", "What colour is it?", "Where is it?", "How big is it?"]
+    requests = [(_conv(q, [picture]), llavakit.SamplingParams(max_new_tokens=5)) for q in questions]
+    together, peak = _run_all(engine, vlm, requests)
+    assert peak == 4  # the three that waited for the shared prefix then ran beside the first
+    first = vlm.processor.encode(requests[0][0]).input_ids
+    shared = 0  # prompt tokens the four prompts have in common, in whole blocks
+    others = [vlm.processor.encode(c).input_ids for c, _ in requests[1:]]
+    while all(len(o) > shared and o[shared] == first[shared] for o in others):
+        shared += 1
+    assert shared > 2 * BLOCK  # the image and the template before the question
+    assert engine.stats()["prefix_cache_hit_tokens"] == 3 * (shared // BLOCK) * BLOCK
+    assert together == [vlm.chat(c, sampling=p).token_ids for c, p in requests]
