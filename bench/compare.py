@@ -5,7 +5,7 @@
 
 Builds the preset with random weights (cached under bench/.cache), measures this machine's limits
 (CPU: memory read bandwidth and matmul peak; CUDA: the GPU's copy and read bandwidth and matmul
-peak), then runs each engine in its own process (on CPU with the same thread count): llavakit,
+peak), reads the checkpoint once so that every load starts from a warm page cache, then runs each engine in its own process (on CPU with the same thread count): llavakit,
 llavakit with `quantize="int8"` (skip it with --no-int8) and transformers, and writes
 <out>/<preset>[-<layers>l]-<dtype>[-cuda].json and .md. Random weights never stop by themselves,
 so output lengths are forced (llavakit: `ignore_eos`; transformers: `min_new_tokens`). Every number
@@ -272,6 +272,16 @@ def worker_llavakit(ckpt: Path, args, rec: Recorder) -> None:
                                                          args.throughput_runs))
     rec.measure("eight_unique_images_s", lambda: rec.median(lambda: (fresh(), vlm.generate(unique, params)),
                                                             args.throughput_runs))
+
+
+def warm_page_cache(ckpt: Path) -> None:
+    """Read the checkpoint's files once, so every engine's load time starts from the same warm page cache
+    (otherwise the first worker pays the disk reads and the later ones do not)."""
+    for path in sorted(ckpt.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
 
 
 def logits_cosine(a: Path, b: Path) -> float | None:
@@ -606,6 +616,7 @@ def main() -> int:
         building.rename(ckpt)
     machine = machine_limits(args.device)
     weights = weight_bytes(ckpt)
+    warm_page_cache(ckpt)
     name = (f"{args.preset}{f'-{args.layers}l' if args.layers else ''}-{args.dtype}"
             f"{'-cuda' if args.device == 'cuda' else ''}")
     args.out.mkdir(parents=True, exist_ok=True)
