@@ -297,10 +297,9 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
     quantize: "none" or "int8" (weight-only int8 for the decoder and the output head: about 2x fewer
     bytes read per decoded token; see llavakit/model/quant.py).
     """
-    from .model.quant import QUANTIZE_CHOICES, quantize_model
+    from .model.quant import check_method, quantize_model
 
-    if quantize not in QUANTIZE_CHOICES:  # before the slow part
-        raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}.")
+    check_method(quantize)  # before the slow part
     folder = resolve_model_dir(name_or_path, revision)
     raw = read_raw_config(folder)
     torch_dtype = resolve_dtype(dtype, raw, device)

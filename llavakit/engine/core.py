@@ -409,8 +409,11 @@ class Engine:
             i = seq.registered
             lo, hi = i * BLOCK, (i + 1) * BLOCK
             n = len(seq.token_keys)
-            keys = seq.token_keys[lo:hi] if hi <= n else seq.token_keys[lo:] + seq.state.ids[max(0, lo - n) : hi - n]
-            seq.last_hash = hash((seq.last_hash, tuple(keys)))
+            if i < len(seq.prompt_hashes):
+                seq.last_hash = seq.prompt_hashes[i]  # computed when the request was admitted
+            else:
+                keys = seq.token_keys[lo:hi] if hi <= n else seq.token_keys[lo:] + seq.state.ids[max(0, lo - n) : hi - n]
+                seq.last_hash = hash((seq.last_hash, tuple(keys)))
             self.pool.register(seq.blocks[i], seq.last_hash)
             seq.registered += 1
 

@@ -76,14 +76,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def check_method(method: str) -> None:
+    """Raise ConfigError unless `method` is one of QUANTIZE_CHOICES."""
+    if method not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZE_CHOICES)}.")
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Quantise `model`'s decoder linear layers and output head in place; returns `model`.
 
     method: "none" (a no-op) or "int8". The input embeddings keep their dtype: a lookup reads one
     row per token, so their size does not slow decoding. Raises ConfigError on an unknown method.
     """
-    if method not in QUANTIZE_CHOICES:
-        raise ConfigError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZE_CHOICES)}.")
+    check_method(method)
     if method == "none":
         return model
     for layer in model.language_model.layers:
