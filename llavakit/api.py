@@ -121,15 +121,16 @@ class VLM:
         _check_many(conversations, "prepare")
         return self.processor.prepare(conversations, add_generation_prompt)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits (B, T, V) as float32 for every position of a prepared batch."""
+    def forward(self, batch: Batch, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) as float32 for every position of a prepared batch; (B, 1, V) for the last
+        position only with `last_only` (batches are left-padded, so it is every row's last token)."""
         mask = batch.attention_mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         valid = mask.bool() if bool((mask == 0).any()) else None
         with torch.inference_mode():
             embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes,
                                              batch.image_tiled, batch.video_pixels, batch.video_frames)
-            return self.model.decode(embeds, positions, valid, None, last_only=False).float()
+            return self.model.decode(embeds, positions, valid, None, last_only=last_only).float()
 
     # -- generation ---------------------------------------------------------------------------
     def _params(self, sampling: SamplingParams | None, **values) -> SamplingParams:

@@ -58,6 +58,7 @@ def test_int8_model_logits_and_greedy_answer(checkpoint, models, name):
     batch = vlm.prepare([conv])
     want, got = vlm.forward(batch), q.forward(batch)
     assert _cosine(want, got) >= 0.999
+    assert float((q.forward(batch, last_only=True)[:, 0] - got[:, -1]).abs().max()) <= 1e-5  # only the head's last row
     # Decode steps run the int8 kernel (one row each) on the KV cache; a full forward over the
     # answer runs the dequantised weights. Both must pick the same greedy tokens.
     out = q.generate([conv], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
