@@ -6,6 +6,7 @@
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
     llavakit make-shapes --out DIR --n N [--n-test M] [--seed S]  the synthetic shapes world (train/test JSONL)
+    llavakit pretrain-tower --vision SPEC --out DIR               a vision tower pretrained on the shapes world
     llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
     llavakit train --model DIR --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
     llavakit merge-lora --model DIR --adapter DIR --out DIR      fold a LoRA adapter into a checkpoint
@@ -175,7 +176,7 @@ def cmd_make_shapes(args) -> int:
     from .train.shapes import make_shapes
 
     summary = make_shapes(Path(args.out), args.n, seed=args.seed, n_test=args.n_test, n_videos=args.n_videos,
-                          size=args.size)
+                          size=args.size, per_image=args.per_image)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -213,6 +214,16 @@ def cmd_batch(args) -> int:
                             max_batch_size=args.max_batch_size, workers=args.workers, progress=not args.no_progress)
     print(f"[llavakit] {summary.done} items ({summary.errors} errors) written to {args.output}"
           + (f"; {summary.skipped} were already there" if summary.skipped else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_pretrain_tower(args) -> int:
+    """Pretrain a vision tower on the shapes world's token labels and write it as a SigLIP/CLIP folder."""
+    from .train.tower import pretrain_tower
+
+    summary = pretrain_tower(Path(args.out), args.vision, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -367,7 +378,8 @@ def _parser() -> argparse.ArgumentParser:
 
     shp = sub.add_parser("make-shapes", help="write the synthetic shapes world used to train and test tiny models")
     shp.add_argument("--out", required=True, help="folder for images/, videos/ and the JSONL files")
-    shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and one conversation each)")
+    shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and --per-image questions each)")
+    shp.add_argument("--per-image", type=int, default=2, help="train questions per picture, one per line (default 2)")
     shp.add_argument("--n-test", type=int, help="test questions, one per line (default max(700, n/10))")
     shp.add_argument("--n-videos", type=int, help="train clips (default n/4)")
     shp.add_argument("--size", type=int, default=96, help="canvas side in pixels (default 96)")
@@ -399,6 +411,17 @@ def _parser() -> argparse.ArgumentParser:
     bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
     bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
     bat.set_defaults(func=cmd_batch)
+    ptw = sub.add_parser("pretrain-tower", help="pretrain a vision tower on the shapes world (what and where per patch)")
+    ptw.add_argument("--vision", required=True,
+                     help="a spec such as siglip:image_size=96,patch_size=32,hidden_size=128,num_hidden_layers=4,"
+                          "num_attention_heads=4,intermediate_size=512")
+    ptw.add_argument("--out", required=True, help="folder for the SigLIP/CLIP checkpoint (llavakit init --vision takes it)")
+    ptw.add_argument("--steps", type=int, default=400)
+    ptw.add_argument("--batch-size", type=int, default=64, help="pictures per step, drawn on the fly")
+    ptw.add_argument("--lr", type=float, default=1e-3)
+    ptw.add_argument("--seed", type=int, default=0)
+    ptw.set_defaults(func=cmd_pretrain_tower)
+
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
     ini.add_argument("--family", required=True, choices=["llava", "llava_next", "llava_onevision"])
     ini.add_argument("--vision", required=True,

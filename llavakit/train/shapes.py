@@ -1,23 +1,27 @@
 """The shapes world: synthetic pictures, clips and questions to train and evaluate tiny models on.
 
-A picture is a plain background (white, black, gray or beige, with mild grain) holding 1 to 4
-flat shapes (circle, square, triangle) in 6 colours. Within one picture no two shapes share a
-(colour, kind) pair, so "the red circle" always names exactly one shape. A clip is 8 frames of
-one shape moving left, right, up or down. Every answer follows from the drawing, so it is
-right by construction, and every line carries the drawing's metadata to check it against.
+A picture is a plain background (white, black, gray or beige, with mild grain) split into a 3x3
+grid; 1 to 4 of its cells hold a flat shape (circle, square, triangle) in one of 6 colours, of
+its own size and a few pixels off the cell's centre. Within one picture no two shapes share a
+(colour, kind) pair, so "the red circle" always names exactly one shape, and any two shapes are
+apart by whole cells, so "left of" and "above" never hang on a pixel. A clip is 8 frames of one
+shape moving left, right, up or down. Every answer follows from the drawing, so it is right by
+construction, and every line carries the drawing's metadata to check it against.
 
     out/
     ├── images/train-000000.png ...  images/test-000000.png ...   (never shared between splits)
     ├── videos/train-motion-000000.mkv ...  videos/test-000006.mkv ...   (FFV1: lossless)
     ├── captions.jsonl   stage 1: one caption per train image
-    ├── train.jsonl      stage 2: one multi-turn conversation per train image, compare pairs, clips
+    ├── train.jsonl      stage 2: single questions about train pictures, picture pairs and clips
     └── test.jsonl       one single-turn question per line, the 7 types in turn
 
 Lines use the original LLaVA conversation format; media paths are relative to the JSONL file.
 After "id", "type", "image" (a list for two pictures) or "video", and "conversations", each line
 carries what was drawn: "background" and "shapes" ({"color", "kind", "bbox": [x0, y0, x1, y1]},
-x1/y1 exclusive, in canonical order), per-turn "turn_types" on multi-turn lines, and per-frame
-"boxes" on clips.
+x1/y1 exclusive, in reading order), and per-frame "boxes" on clips.
+Every line holds one question: in a multi-turn conversation a later question can copy a name from
+an earlier one ("What colour is the circle?" tells the kind), so the training loss falls while the
+model learns less about the picture.
 Everything is drawn from `random.Random` / numpy generators seeded from `seed`, so the same
 arguments give byte-identical files.
 """
@@ -36,7 +40,11 @@ from ..errors import LlavakitError
 from .evaluate import normalize_answer  # noqa: F401  (re-exported: the evaluator's comparison)
 
 QUESTION_TYPES = ("shapes", "color", "count", "position", "caption", "compare", "motion")
-IMAGE_TYPES = QUESTION_TYPES[:5]  # the types one picture can answer; multi-turn lines mix these
+IMAGE_TYPES = QUESTION_TYPES[:5]  # the types one picture can answer
+# How often training asks each picture question. Finding a shape by its name in the picture is what
+# a small decoder trained from scratch learns slowest (colour of the circle; where the red circle is
+# against the blue square), listing and counting what it learns fastest.
+TRAIN_WEIGHTS = {"shapes": 1, "color": 2, "count": 1, "position": 3, "caption": 1}
 
 # Saturated shape colours, far from each other and from every background (also after the grain).
 COLORS = {
@@ -61,6 +69,7 @@ NOISE = 6  # background grain: each pixel's brightness moves by at most this man
 FRAMES = 8  # frames per clip
 FPS = 8
 MAX_SHAPES = 4
+GRID = 3  # a picture is GRID x GRID cells; a shape sits inside one cell
 
 # Canonical phrasings come first; only training questions use the others.
 QUESTIONS = {
@@ -104,7 +113,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
-    """A picture's content: shapes in canonical order (left to right by centre x, ties by y)."""
+    """A picture's content: shapes in reading order (by grid cell: top row first, each row left to right)."""
 
     background: str
     shapes: tuple[Shape, ...]
@@ -112,7 +121,7 @@ class Scene:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes in pixels for a square canvas of side `size`; the numbers are tuned at 96 px."""
+    """Sizes in pixels for a square canvas of side `size`, split into GRID x GRID cells."""
 
     size: int
 
@@ -120,20 +129,29 @@ class Geometry:
         return max(1, round(at96 * self.size / 96))
 
     @property
+    def cell(self) -> int:  # side of one grid cell
+        return self.size // GRID
+
+    @property
     def side(self) -> tuple[int, int]:  # shape bounding-box side, inclusive range
-        return self.px(18), self.px(34)
+        return self.px(18), self.cell - 2 * self.margin
 
     @property
-    def gap(self) -> int:  # empty pixels at least between two shapes' boxes
-        return self.px(4)
+    def margin(self) -> int:  # empty pixels at least between a shape and its cell's border
+        return self.px(2)
 
     @property
-    def min_separation(self) -> float:  # centres this far apart along an axis to ask about it
-        return 12 * self.size / 96
+    def jitter(self) -> int:  # how far a shape's centre may stray from its cell's centre
+        return self.px(3)
 
     @property
     def travel(self) -> tuple[int, int]:  # how far a clip's shape moves in total
-        return self.px(30), self.px(50)
+        return self.px(44), self.px(62)
+
+    def cell_of(self, shape: "Shape") -> tuple[int, int]:
+        """(row, column) of the cell holding `shape`."""
+        cx, cy = shape.center
+        return int(cy // self.cell), int(cx // self.cell)
 
 
 class _Balance:
@@ -151,39 +169,27 @@ class _Balance:
 
 # ---- drawing ----------------------------------------------------------------------------------
 
-def _place(rng: random.Random, boxes: list, geo: Geometry):
-    """A random box that keeps `geo.gap` pixels from every box in `boxes`, or None after 200 tries.
-
-    The side is drawn anew on each try, so crowded pictures end up with smaller shapes instead
-    of failing.
-    """
-    lo, hi = geo.side
-    for _ in range(200):
-        s = rng.randint(lo, hi)
-        x0, y0 = rng.randint(1, geo.size - 1 - s), rng.randint(1, geo.size - 1 - s)
-        x1, y1 = x0 + s, y0 + s
-        if all(x0 >= bx1 + geo.gap or bx0 >= x1 + geo.gap or y0 >= by1 + geo.gap or by0 >= y1 + geo.gap
-               for bx0, by0, bx1, by1 in boxes):
-            return x0, y0, x1, y1
-    return None
-
-
 def sample_scene(rng: random.Random, n_shapes: int, geo: Geometry) -> Scene:
-    """A random picture with `n_shapes` non-overlapping shapes, each (colour, kind) at most once."""
+    """A random picture with `n_shapes` shapes in distinct grid cells, each (colour, kind) at most once.
+
+    Each shape gets its own size and offset inside its cell, so shapes never touch and every
+    shape has an unambiguous row and column.
+    """
+    if not 1 <= n_shapes <= GRID * GRID:
+        raise ShapesError(f"a picture holds 1 to {GRID * GRID} shapes, got {n_shapes}.")
     background = rng.choice(sorted(BACKGROUNDS))
     pairs = [(c, k) for c in COLORS for k in KINDS]
-    for _ in range(100):
-        boxes: list = []
-        for _shape in range(n_shapes):
-            box = _place(rng, boxes, geo)
-            if box is None:
-                break
-            boxes.append(box)
-        else:
-            shapes = [Shape(c, k, b) for (c, k), b in zip(rng.sample(pairs, n_shapes), boxes)]
-            shapes.sort(key=lambda s: (s.center[0], s.center[1]))
-            return Scene(background, tuple(shapes))
-    raise ShapesError(f"could not place {n_shapes} shapes on a {geo.size} px canvas; use a larger size.")
+    lo, hi = geo.side
+    shapes = []
+    for (color, kind), cell in zip(rng.sample(pairs, n_shapes), rng.sample(range(GRID * GRID), n_shapes)):
+        row, col = divmod(cell, GRID)
+        s = rng.randint(lo, hi)
+        free = (geo.cell - s) // 2 - geo.margin  # room between the centred shape and the margin
+        x0 = col * geo.cell + (geo.cell - s) // 2 + rng.randint(-min(free, geo.jitter), min(free, geo.jitter))
+        y0 = row * geo.cell + (geo.cell - s) // 2 + rng.randint(-min(free, geo.jitter), min(free, geo.jitter))
+        shapes.append(Shape(color, kind, (x0, y0, x0 + s, y0 + s)))
+    shapes.sort(key=geo.cell_of)
+    return Scene(background, tuple(shapes))
 
 
 def _canvas(background: str, size: int, noise_seed: int) -> np.ndarray:
@@ -285,20 +291,18 @@ def _phrase(rng: random.Random, key: str, train: bool) -> str:
 
 
 def _positions(scene: Scene, geo: Geometry) -> dict[str, list[tuple[Shape, Shape]]]:
-    """Ordered pairs (a, b) by the answer to "where is a relative to b", on the wider-apart axis."""
+    """Ordered pairs (a, b) by the answer to "where is a relative to b": left/right when their
+    columns differ, above/below when their rows differ (a pair can answer both questions)."""
     by_answer: dict[str, list] = {}
     for a in scene.shapes:
         for b in scene.shapes:
             if a is b:
                 continue
-            dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
-            if max(abs(dx), abs(dy)) < geo.min_separation:
-                continue
-            if abs(dx) >= abs(dy):
-                answer = "left" if dx > 0 else "right"
-            else:
-                answer = "above" if dy > 0 else "below"
-            by_answer.setdefault(answer, []).append((a, b))
+            (ra, ca), (rb, cb) = geo.cell_of(a), geo.cell_of(b)
+            if ca != cb:
+                by_answer.setdefault("left" if ca < cb else "right", []).append((a, b))
+            if ra != rb:
+                by_answer.setdefault("above" if ra < rb else "below", []).append((a, b))
     return by_answer
 
 
@@ -348,10 +352,8 @@ def _conversation(marker: str, turns: list[tuple[str, str]]) -> list[dict]:
     return out
 
 
-def _image_line(id_: str, qtype: str, image: str, scene: Scene, turns, turn_types=None) -> dict:
+def _image_line(id_: str, qtype: str, image: str, scene: Scene, turns) -> dict:
     line = {"id": id_, "type": qtype, "image": image, "conversations": _conversation("<image>\n", turns)}
-    if turn_types is not None:
-        line["turn_types"] = list(turn_types)
     line["background"] = scene.background
     line["shapes"] = [s.to_json() for s in scene.shapes]
     return line
@@ -405,13 +407,24 @@ def _check(name: str, value, low: int) -> int:
     return value
 
 
-def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: int, type_counts: dict) -> dict:
+def _pick_types(rng: random.Random, options: list[str], k: int) -> list[str]:
+    """Up to `k` distinct types from `options`, drawn by TRAIN_WEIGHTS."""
+    options, picked = list(options), []
+    while options and len(picked) < k:
+        t = rng.choices(options, weights=[TRAIN_WEIGHTS[o] for o in options])[0]
+        picked.append(t)
+        options.remove(t)
+    return picked
+
+
+def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: int, per_image: int,
+                 type_counts: dict) -> dict:
     """captions.jsonl and train.jsonl with their media; adds the questions asked to `type_counts`."""
     master = w.rng("train")
     counts = [1 + i % MAX_SHAPES for i in range(n)]  # shape counts exactly balanced, order shuffled
     master.shuffle(counts)
     balance = _Balance(POSITIONS)
-    scenes, images = [], []
+    scenes, images, lines = [], [], 0
     with open(w.out / "captions.jsonl", "w") as caps, open(w.out / "train.jsonl", "w") as train:
         for i in range(n):
             name = f"train-{i:06d}"
@@ -422,11 +435,10 @@ def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: in
             images.append(image)
             _dump(caps, _image_line(name, "caption", image, scene, [(_phrase(rng, "caption", True), caption(scene))]))
             options = [t for t in IMAGE_TYPES if applicable(scene, t, geo)]
-            types = rng.sample(options, rng.randint(3, min(5, len(options))))
-            turns = [_ask(scene, t, rng, geo, balance, train=True) for t in types]
-            _dump(train, _image_line(name, "multi", image, scene, turns, types))
-            for t in types:
+            for t in _pick_types(rng, options, per_image):
+                _dump(train, _image_line(f"{name}-{t}", t, image, scene, [_ask(scene, t, rng, geo, balance, train=True)]))
                 type_counts[t] += 1
+                lines += 1
 
         by_count: dict[int, list[int]] = {}
         for i, c in enumerate(counts):
@@ -453,7 +465,7 @@ def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: in
             video = w.video(name, background, track, rng, "train")
             _dump(train, _motion_line(name, video, background, track, direction, rng, True))
         type_counts["motion"] += n_videos
-    return {"captions.jsonl": n, "train.jsonl": n + n_compare + n_videos}
+    return {"captions.jsonl": n, "train.jsonl": lines + n_compare + n_videos}
 
 
 def _write_test(w: _Writer, geo: Geometry, n_test: int, type_counts: dict) -> int:
@@ -493,12 +505,12 @@ def _write_test(w: _Writer, geo: Geometry, n_test: int, type_counts: dict) -> in
 
 
 def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_videos: int | None = None,
-                n_compare: int | None = None, size: int = 96) -> dict:
+                n_compare: int | None = None, size: int = 96, per_image: int = 2) -> dict:
     """Write the shapes world under `out` and return what was written, as counts.
 
-    `n` train pictures give `n` caption lines (captions.jsonl) and `n` multi-turn lines
-    (train.jsonl), which also holds `n_compare` picture pairs (default n // 4) and `n_videos`
-    clips (default n // 4). test.jsonl holds `n_test` single-turn lines (default
+    `n` train pictures give `n` caption lines (captions.jsonl) and `per_image` single-question
+    lines each, of distinct types (train.jsonl; fewer when fewer types apply), which also holds
+    `n_compare` picture pairs (default n // 4) and `n_videos` clips (default n // 4). test.jsonl holds `n_test` single-turn lines (default
     max(700, n // 10)) on pictures and clips of its own. Existing files of the same names are
     overwritten; nothing else under `out` is touched. Raises ShapesError on bad arguments.
     """
@@ -508,6 +520,7 @@ def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_v
     n_test = _check("n_test", max(700, n // 10) if n_test is None else n_test, 0)
     n_videos = _check("n_videos", n // 4 if n_videos is None else n_videos, 0)
     n_compare = _check("n_compare", n // 4 if n_compare is None else n_compare, 0)
+    _check("per_image", per_image, 1)
     _check("size", size, 48)  # below that, four shapes of 18 px and the gaps between them do not fit
     if n_compare and n < 2:
         raise ShapesError(f"compare pairs need at least 2 train pictures, got n={n}; pass n_compare=0.")
@@ -517,7 +530,7 @@ def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_v
     geo, writer = Geometry(size), _Writer(out, size, seed)
     train_types = {t: 0 for t in QUESTION_TYPES}
     test_types = {t: 0 for t in QUESTION_TYPES}
-    lines = _write_train(writer, geo, n, n_compare, n_videos, train_types)
+    lines = _write_train(writer, geo, n, n_compare, n_videos, per_image, train_types)
     lines["test.jsonl"] = _write_test(writer, geo, n_test, test_types)
     return {"out": str(out), "lines": lines, **writer.counts,
             "train_questions": train_types, "test_questions": test_types}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from llavakit.errors import LlavakitError
-from llavakit.train.shapes import BACKGROUNDS, COLORS, QUESTION_TYPES, make_shapes, normalize_answer
+from llavakit.train.shapes import BACKGROUNDS, COLORS, IMAGE_TYPES, QUESTION_TYPES, make_shapes, normalize_answer
 
 FILES = ("captions.jsonl", "train.jsonl", "test.jsonl")
 
@@ -66,7 +66,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_files_markers_and_split_disjoint(world):
     out, summary, data = world
     assert summary["lines"] == {name: len(lines) for name, lines in data.items()}
-    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 60, "test.jsonl": 700}
+    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 700}
     used = {"train": set(), "test": set()}
     for name, lines in data.items():
         assert len({line["id"] for line in lines}) == len(lines), f"{name}: ids not unique"
@@ -97,9 +97,15 @@ def article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def cell(shape: dict) -> tuple[int, int]:
+    """(row, column) of the 32 px grid cell holding the shape's centre."""
+    x0, y0, x1, y1 = shape["bbox"]
+    return int((y0 + y1) / 2 // 32), int((x0 + x1) / 2 // 32)
+
+
 def listing(shapes: list[dict]) -> str:
-    centre = [((s["bbox"][0] + s["bbox"][2]) / 2, (s["bbox"][1] + s["bbox"][3]) / 2) for s in shapes]
-    assert centre == sorted(centre), "shapes not in canonical order"
+    cells = [cell(s) for s in shapes]
+    assert cells == sorted(cells), "shapes not in reading order"
     items = [article(f"{s['color']} {s['kind']}") for s in shapes]
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -110,9 +116,13 @@ def check_pixels(image: np.ndarray, background: str, shapes: list[dict]) -> None
     fill = {"square": (0.97, 1.0), "circle": (0.70, 0.86), "triangle": (0.40, 0.62)}
     pairs = [(s["color"], s["kind"]) for s in shapes]
     assert len(set(pairs)) == len(pairs), "a (colour, kind) pair repeats"
+    assert len({cell(s) for s in shapes}) == len(shapes), "two shapes share a cell"
     for s in shapes:
         x0, y0, x1, y1 = s["bbox"]
-        assert 16 <= x1 - x0 == y1 - y0 <= 36 and 0 <= x0 and 0 <= y0 and x1 <= 96 and y1 <= 96
+        assert 18 <= x1 - x0 == y1 - y0 <= 28 and 0 <= x0 and 0 <= y0 and x1 <= 96 and y1 <= 96
+        row, col = cell(s)  # inside its cell, 2 px from the cell's borders, at most 3 px off its centre
+        assert col * 32 + 2 <= x0 and x1 <= col * 32 + 30 and row * 32 + 2 <= y0 and y1 <= row * 32 + 30
+        assert abs((x0 + x1) / 2 - (col * 32 + 16)) <= 4 and abs((y0 + y1) / 2 - (row * 32 + 16)) <= 4
         mask = np.all(image[y0:y1, x0:x1] == COLORS[s["color"]], axis=-1)
         lo, hi = fill[s["kind"]]
         assert lo <= mask.mean() <= hi, (s, mask.mean())
@@ -145,13 +155,12 @@ def expected(qtype: str, question: str, shapes: list[dict], background: str) -> 
         return match["color"]
     if qtype == "position":
         a, b = (by_name[m] for m in re.findall(r"the (\w+ (?:circle|square|triangle))\b", question))
-        (ax, ay), (bx, by) = (((s["bbox"][0] + s["bbox"][2]) / 2, (s["bbox"][1] + s["bbox"][3]) / 2) for s in (a, b))
-        horizontal = "left" in question
-        assert horizontal == (abs(ax - bx) >= abs(ay - by))  # the wider-apart axis is asked
-        assert max(abs(ax - bx), abs(ay - by)) >= 12
-        if horizontal:
-            return "left" if ax < bx else "right"
-        return "above" if ay < by else "below"
+        (ra, ca), (rb, cb) = cell(a), cell(b)
+        if "left" in question:
+            assert ca != cb  # asked only along an axis where their columns (rows) differ
+            return "left" if ca < cb else "right"
+        assert ra != rb
+        return "above" if ra < rb else "below"
     raise AssertionError(qtype)
 
 
@@ -164,7 +173,7 @@ def test_answers_match_pixels_and_metadata(world):
                 (qtype, question, answer), = turns(line)
                 boxes = line["boxes"]
                 dx, dy = boxes[-1][0] - boxes[0][0], boxes[-1][1] - boxes[0][1]
-                assert 30 <= abs(dx) + abs(dy) <= 50 and (dx == 0 or dy == 0) and len(boxes) == 8
+                assert 44 <= abs(dx) + abs(dy) <= 62 and (dx == 0 or dy == 0) and len(boxes) == 8
                 want = ("left" if dx < 0 else "right") if dx else ("up" if dy < 0 else "down")
                 shape = line["shapes"][0]
                 assert f"the {shape['color']} {shape['kind']}" in question and answer == want
@@ -181,13 +190,11 @@ def test_answers_match_pixels_and_metadata(world):
                 assert image.shape == (96, 96, 3)
                 check_pixels(image, line["background"], line["shapes"])
                 line_turns = turns(line)
-                assert 1 <= len(line["shapes"]) <= 4
-                if line["type"] == "multi":
-                    assert 3 <= len(line_turns) <= 5 and len({t for t, _, _ in line_turns}) == len(line_turns)
+                assert 1 <= len(line["shapes"]) <= 4 and len(line_turns) == 1
                 for qtype, question, answer in line_turns:
                     assert answer == expected(qtype, question, line["shapes"], line["background"]), (line["id"], question)
             seen[name] += 1
-    assert seen == {"captions.jsonl": 40, "train.jsonl": 60, "test.jsonl": 700}
+    assert seen == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 700}
 
 
 CANONICAL = {
@@ -223,8 +230,14 @@ def test_test_split_is_balanced_and_canonical(world):
 def test_train_split_mix(world):
     _, summary, data = world
     train = data["train.jsonl"]
-    assert Counter(line["type"] for line in train) == {"multi": 40, "compare": 10, "motion": 10}
-    counts = Counter(len(line["shapes"]) for line in train if line["type"] == "multi")
+    pictures = [line for line in train if line["type"] in IMAGE_TYPES]
+    assert len(pictures) == 80 and Counter(line["type"] for line in train)["compare"] == 10
+    by_picture = {}
+    for line in pictures:  # two questions of different types about every picture
+        by_picture.setdefault(line["image"], set()).add(line["type"])
+        assert line["id"] == line["image"][len("images/"):-len(".png")] + "-" + line["type"]
+    assert len(by_picture) == 40 and all(len(types) == 2 for types in by_picture.values())
+    counts = Counter(len(line["shapes"]) for line in data["captions.jsonl"])
     assert counts == {1: 10, 2: 10, 3: 10, 4: 10}  # picture sizes exactly balanced
     directions = Counter(line["conversations"][1]["value"] for line in train if line["type"] == "motion")
     assert max(directions.values()) - min(directions.values()) <= 1 and len(directions) == 4
@@ -261,7 +274,7 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["make-shapes", "--out", str(out), "--n", "40", "--n-test", "70", "--seed", "1"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 60, "test.jsonl": 70}
+    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 70}
     assert all((out / name).is_file() for name in FILES)
     assert Counter(line["type"] for line in read(out / "test.jsonl")) == {t: 10 for t in QUESTION_TYPES}
 

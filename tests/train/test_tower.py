@@ -1,0 +1,106 @@
+"""`llavakit pretrain-tower`: labels, learning, determinism, and a folder that init and transformers load."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llavakit
+from llavakit.cli import main
+from llavakit.config import VisionConfig
+from llavakit.errors import ConfigError
+from llavakit.train import shapes as S
+from llavakit.train.assemble import init_checkpoint
+from llavakit.train.tower import CLASSES, pretrain_tower, sample_batch, token_labels
+
+VISION = "siglip:image_size=48,patch_size=16,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+TEXT = ("qwen2:hidden_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
+        "intermediate_size=128,max_position_embeddings=1024")
+
+
+def test_a_token_is_labelled_with_the_shape_whose_centre_it_holds():
+    shapes = [S.Shape("red", "circle", (20, 2, 30, 12)),  # centre (25, 7): row 0, column 1
+              S.Shape("blue", "triangle", (33, 33, 47, 47))]  # centre (40, 40): row 2, column 2
+    labels = token_labels(shapes, size=48, patch=16)
+    assert labels == [0, 1 + CLASSES.index(("red", "circle")), 0, 0, 0, 0, 0, 0,
+                      1 + CLASSES.index(("blue", "triangle"))]
+
+
+def _cfg() -> VisionConfig:
+    return VisionConfig.from_hf({"model_type": "siglip_vision_model", "image_size": 48, "patch_size": 16,
+                                 "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 64})
+
+
+def test_batches_hold_normalised_pictures_and_one_label_per_token():
+    cfg = _cfg()
+    pixels, labels = sample_batch(random.Random(0), 12, cfg)
+    assert pixels.shape == (12, 3, 48, 48) and labels.shape == (12, 9)
+    assert -1.0 <= pixels.min() and pixels.max() <= 1.0  # SigLIP's (x - 0.5) / 0.5
+    counts = (labels > 0).sum(1)
+    assert 1 <= counts.min() and counts.max() <= S.MAX_SHAPES
+    again, _ = sample_batch(random.Random(0), 12, cfg)
+    assert torch.equal(pixels, again)
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tower") / "t"
+    return out, pretrain_tower(out, VISION, steps=200, batch_size=16, lr=3e-3, seed=0, progress=False)
+
+
+def test_pretraining_lowers_the_loss_and_writes_a_vision_checkpoint(tower):
+    out, summary = tower
+    assert summary["final_loss"] < 0.6 * summary["first_loss"]
+    _, labels = sample_batch(random.Random("tower/0/test"), 256, _cfg())
+    empty = (labels == 0).float().mean().item()  # what "nothing everywhere" would score
+    assert summary["token_accuracy"] > empty + 0.03 and summary["shape_accuracy"] > 0.15
+    assert json.loads((out / "train_summary.json").read_text()) == summary
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "siglip_vision_model" and config["architectures"] == ["SiglipVisionModel"]
+    keys = load_file(str(out / "model.safetensors"))
+    assert keys and all(k.startswith("vision_model.") for k in keys)
+
+
+def test_the_same_seed_gives_the_same_tower(tower, tmp_path):
+    out, _ = tower
+    again = tmp_path / "again"
+    pretrain_tower(again, VISION, steps=200, batch_size=16, lr=3e-3, seed=0, progress=False)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_takes_the_tower_and_transformers_loads_it(tower, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out, _ = tower
+    reference = transformers.SiglipVisionModel.from_pretrained(out).eval()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("What colour is the circle? red blue green\n")
+    model = init_checkpoint(tmp_path / "init", "llava_onevision", str(out), TEXT, corpus=[corpus], vocab_size=300)
+    ours = llavakit.load(model, dtype="float32").model.vision_tower
+    pixels, _ = sample_batch(random.Random(1), 3, ours.cfg)
+    with torch.no_grad():
+        want = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        got = ours(pixels, (-1,))
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_bad_specs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs patch_size"):
+        pretrain_tower(tmp_path / "x", "siglip:image_size=48,hidden_size=32,num_hidden_layers=1,"
+                       "num_attention_heads=2,intermediate_size=64", steps=1, progress=False)
+    with pytest.raises(ConfigError, match="not a multiple of patch_size"):
+        pretrain_tower(tmp_path / "x", VISION.replace("patch_size=16", "patch_size=20"), steps=1, progress=False)
+    with pytest.raises(ConfigError, match="steps and batch size"):
+        pretrain_tower(tmp_path / "x", VISION, steps=0, progress=False)
+
+
+def test_cli_pretrain_tower(tmp_path, capsys):
+    assert main(["pretrain-tower", "--vision", VISION, "--out", str(tmp_path / "t"), "--steps", "2",
+                 "--batch-size", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and (tmp_path / "t" / "model.safetensors").is_file()
