@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 IMAGE ?= examples/picture.png
-QUESTION ?= What colour is the square?
+QUESTION ?= Describe the picture in one sentence.
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,6 @@ chat: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# Retrain the shipped model from scratch (about 27 minutes on 2 cores); the result lands in shapes-run/model.
+# Retrain the shipped model from scratch (about 40 minutes on 2 cores); the result lands in shapes-run/model.
 shapes-model: $(VENV)/.installed
 	LLAVAKIT=$(BIN)/llavakit scripts/train_shapes_model.sh shapes-run

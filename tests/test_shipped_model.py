@@ -16,24 +16,27 @@ from llavakit.cli import SHIPPED_MODEL, default_model_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # The README's example questions and the answers the shipped model gives (all right; the README's
-# accuracy table says how often it is right in general).
+# accuracy table says how often it is right in general). The first is `make chat`'s.
 README_QUESTIONS = [
-    (["--image", "picture.png"], "What colour is the square?", "blue"),
-    (["--image", "picture.png"], "Is the red circle to the left or to the right of the blue square?", "left"),
-    (["--image", "two-shapes.png"], "What colour is the circle?", "orange"),
-    (["--image", "two-shapes.png"], "Is the purple triangle to the left or to the right of the orange circle?", "left"),
+    (["--image", "picture.png"], "Describe the picture in one sentence.",
+     "A red circle, a green triangle and a blue square on a white background."),
+    (["--image", "picture.png"], "What shapes are in the picture?", "a red circle, a green triangle and a blue square"),
+    (["--image", "picture.png"], "How many shapes are there?", "3"),
+    (["--image", "two-shapes.png"], "Describe the picture in one sentence.",
+     "A purple triangle and an orange circle on a beige background."),
     (["--image", "picture.png", "--image", "two-shapes.png"], "Which image has more shapes, the first or the second?",
      "the first"),
     (["--image", "two-shapes.png", "--image", "picture.png"], "Which image has more shapes, the first or the second?",
      "the second"),
     (["--video", "clip.mkv"], "Which way does the yellow square move?", "right"),
 ]
-# Questions it gets wrong are compared with transformers too: the two must agree on every answer.
+# Compared with transformers too (the two must agree on every answer), right or wrong: the colour
+# of a named shape comes out as the first shape's colour ("red" here, where the square is blue).
 MORE_QUESTIONS = [
-    (["picture.png"], "What shapes are in the picture?"),
-    (["picture.png"], "How many shapes are there?"),
-    (["picture.png"], "Describe the picture in one sentence."),
-    (["two-shapes.png"], "What colour is the triangle?"),
+    (["picture.png"], "What colour is the square?"),
+    (["picture.png"], "Is the red circle to the left or to the right of the blue square?"),
+    (["two-shapes.png"], "What colour is the circle?"),
+    (["two-shapes.png"], "Is the purple triangle to the left or to the right of the orange circle?"),
 ]
 
 

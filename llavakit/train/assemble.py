@@ -85,7 +85,7 @@ def _vision_part(value: str) -> tuple[dict, dict[str, torch.Tensor]]:
         return cfg, {}
     folder = Path(value)
     raw = json.loads((folder / "config.json").read_text())
-    cfg = dict(raw.get("vision_config", raw))
+    cfg = {k: v for k, v in raw.get("vision_config", raw).items() if k not in ("architectures", "dtype", "torch_dtype")}
     if cfg.get("model_type") in ("clip", "siglip", None):
         cfg["model_type"] = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(
             raw.get("model_type"), cfg.get("model_type"))

@@ -46,7 +46,8 @@ def test_a_folder_job_answers_every_image_and_records_the_broken_ones(reference)
     assert "sub/img01.png" in answered and "img00.png" in answered  # ids are paths relative to the folder
     for r in answered.values():
         assert isinstance(r["answer"], str) and r["finish_reason"] in ("stop", "length")
-        assert 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 78 and r["seconds"] >= 0
+        # the picture alone is at least 21 tokens: base view and grid view of 3x3 patches, 3 newlines
+        assert 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 21 and r["seconds"] >= 0
     failed = {k: r for k, r in reference.items() if r["error"] is not None}
     assert set(failed) == set(BROKEN)
     for name, r in failed.items():
@@ -108,7 +109,7 @@ def requests(tmp_path_factory):
         {"id": "default-prompt", "image": "pics/b.png"},
         {"id": "two-images", "images": ["pics/a.png", "pics/b.png"], "prompt": "Compare them."},
         {"id": "forced-length", "image": "pics/a.png", "prompt": q, "max_new_tokens": 5, "ignore_eos": True},
-        {"id": "sampled", "image": "pics/a.png", "prompt": q, "temperature": 1.5, "seed": 7, "max_new_tokens": 12,
+        {"id": "sampled", "image": "pics/a.png", "prompt": q, "temperature": 5.0, "seed": 7, "max_new_tokens": 12,
          "ignore_eos": True},
         {"id": "text-only", "prompt": "Say something."},
         {"id": "missing-file", "image": "pics/nope.png", "prompt": q},
@@ -135,7 +136,7 @@ def test_jsonl_requests_with_overrides_and_bad_lines(requests, tmp_path):
     assert got["path"]["prompt_tokens"] == got["messages"]["prompt_tokens"]
     for rid in ("default-prompt", "two-images", "text-only"):
         assert got[rid]["error"] is None, got[rid]
-    assert got["two-images"]["prompt_tokens"] > 2 * 37  # two untiled images of 36 features and a newline
+    assert got["two-images"]["prompt_tokens"] > 2 * 10  # two untiled images of 9 features and a newline
     assert got["text-only"]["prompt_tokens"] < 100
     # per-item sampling is applied: a forced length, and a seeded sample that differs from greedy
     assert got["forced-length"]["completion_tokens"] == 5 and got["forced-length"]["finish_reason"] == "length"

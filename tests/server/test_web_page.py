@@ -31,7 +31,7 @@ if CHROMIUM is None:
 expect = sync_api.expect
 
 PICTURE = Path(__file__).resolve().parents[2] / "examples" / "picture.png"
-QUESTION = "What colour is the square?"
+QUESTION = "How many shapes are there?"
 MAX_IMAGE_PIXELS = 1_000_000  # examples/picture.png (96x96) passes, BIG_IMAGE does not
 BIG_IMAGE = (1200, 1000)
 ANSWER_TIMEOUT_MS = 30_000
@@ -41,8 +41,8 @@ FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision":
 
 
 def check_answer(answer: str) -> None:
-    """What an answer to QUESTION about examples/picture.png must be: the shipped model sees the blue square."""
-    assert answer.strip() == "blue", answer
+    """What an answer to QUESTION about examples/picture.png must be: the shipped model counts its three shapes."""
+    assert answer.strip() == "3", answer
 
 
 # ───────────────────────────── fixtures ─────────────────────────────

@@ -81,6 +81,8 @@ def test_init_takes_the_tower_and_transformers_loads_it(tower, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("What colour is the circle? red blue green\n")
     model = init_checkpoint(tmp_path / "init", "llava_onevision", str(out), TEXT, corpus=[corpus], vocab_size=300)
+    vision_config = json.loads((model / "config.json").read_text())["vision_config"]
+    assert vision_config["model_type"] == "siglip_vision_model" and "architectures" not in vision_config
     ours = llavakit.load(model, dtype="float32").model.vision_tower
     pixels, _ = sample_batch(random.Random(1), 3, ours.cfg)
     with torch.no_grad():
