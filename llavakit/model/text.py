@@ -85,18 +85,23 @@ def attention_mask(valid: torch.Tensor | None, t: int, window: int | None, devic
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query token per row: (B, H, 1, hd) against (B, Hkv, S, hd), in float32.
+    """One query token per row: (B, H, 1, hd) against (B, Hkv, S, hd); scores and softmax in float32.
 
     SDPA's CPU kernel is built for long queries; for a single one its setup costs more than the
-    two small matmuls themselves (about 1 ms against 0.1 ms per layer at 1.5k keys).
+    two small matmuls themselves (about 1 ms against 0.1 ms per layer at 1.5k keys). The keys are
+    converted to float32 in their gathered (B, S, Hkv, hd) layout, a straight copy, and the
+    probabilities meet the values in the cache's dtype: converting both in the transposed layout
+    made strided copies (batch 8, 1.6k keys, bfloat16, alone: 7.4 -> 2.7 ms; a whole batch-8 decode
+    step of the 0.5B preset: 3-4% faster). Float32 caches compute exactly as before.
     """
     b, h, _, hd = q.shape
     hkv = k.shape[1]
     qg = q.float().view(b, hkv, h // hkv, hd)  # (B, Hkv, G, hd): the query heads sharing each kv head
-    scores = qg @ k.float().transpose(-1, -2) * hd**-0.5  # (B, Hkv, G, S)
+    keys = k.transpose(1, 2).float().permute(0, 2, 3, 1)  # (B, Hkv, hd, S)
+    scores = qg @ keys * hd**-0.5  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    out = scores.softmax(-1) @ v.float()  # (B, Hkv, G, hd)
+    out = scores.softmax(-1).to(v.dtype) @ v  # (B, Hkv, G, hd)
     return out.view(b, h, 1, hd).to(q.dtype)
 
 

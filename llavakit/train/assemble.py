@@ -264,7 +264,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     return out
 
 
-def _init_random(model: LlavaModel, width: int) -> None:
+def _init_random(model: torch.nn.Module, width: int) -> None:
     """transformers' initialisation: normal(0, 0.02) matrices and embeddings, zero biases, unit norms."""
     with torch.no_grad():
         for name, p in model.named_parameters():

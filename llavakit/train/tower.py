@@ -34,7 +34,7 @@ from ..model.vision import VisionTower
 from ..progress import StatusLine, clock
 from ..weights import write_tensors
 from . import shapes as S
-from .assemble import _VISION, parse_spec
+from .assemble import _VISION, _init_random, parse_spec
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
 _ARCH = {"siglip_vision_model": "SiglipVisionModel", "clip_vision_model": "CLIPVisionModel"}
@@ -70,18 +70,6 @@ def sample_batch(rng: random.Random, n: int, cfg: VisionConfig, clip_share: floa
         pixels.append((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std)
         labels.append(token_labels(scene.shapes, size, patch))
     return torch.stack(pixels), torch.tensor(labels)
-
-
-def _init(tower: VisionTower) -> None:
-    """transformers' initialisation: normal(0, 0.02) matrices, zero biases, unit norms."""
-    with torch.no_grad():
-        for name, p in tower.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
 
 
 def _features(tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
@@ -121,7 +109,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
     torch.manual_seed(seed)
     tower = VisionTower(cfg)
-    _init(tower)
+    _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
     tokens = cfg.patches_per_side ** 2
     what = torch.nn.Linear(cfg.hidden_size, 1 + len(CLASSES))
     where = torch.nn.Linear(cfg.hidden_size, tokens)
