@@ -5,7 +5,7 @@
     llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
-    llavakit make-shapes --out DIR --n N [--n-test M] [--seed S]  the synthetic shapes world (train/test JSONL)
+    llavakit make-shapes --out DIR --n N [--per-image K] [--seed S]  the synthetic shapes world (train/test JSONL)
     llavakit pretrain-tower --vision SPEC --out DIR               a vision tower pretrained on the shapes world
     llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
     llavakit train --model DIR --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
@@ -416,10 +416,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a spec such as siglip:image_size=96,patch_size=32,hidden_size=128,num_hidden_layers=4,"
                           "num_attention_heads=4,intermediate_size=512")
     ptw.add_argument("--out", required=True, help="folder for the SigLIP/CLIP checkpoint (llavakit init --vision takes it)")
-    ptw.add_argument("--steps", type=int, default=400)
+    ptw.add_argument("--steps", type=int, default=400, help="AdamW steps (warm-up, then cosine decay)")
     ptw.add_argument("--batch-size", type=int, default=64, help="pictures per step, drawn on the fly")
-    ptw.add_argument("--lr", type=float, default=1e-3)
-    ptw.add_argument("--seed", type=int, default=0)
+    ptw.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ptw.add_argument("--seed", type=int, default=0, help="the same seed gives the same weights")
     ptw.set_defaults(func=cmd_pretrain_tower)
 
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")

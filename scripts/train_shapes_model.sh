@@ -6,7 +6,8 @@
 #
 #   scripts/train_shapes_model.sh [WORK_DIR]      (default: ./shapes-run; the model ends in WORK_DIR/model)
 #
-# N (train pictures), VIDEOS (train clips) and STEPS (stage 2 steps) scale the run down for a try-out.
+# N (train pictures), VIDEOS (train clips), TOWER_STEPS and STEPS (stage 2 steps) scale the run down
+# for a try-out; SEED changes every random choice (default 0, the shipped model's).
 set -euo pipefail
 WORK=${1:-shapes-run}
 LLAVAKIT=${LLAVAKIT:-llavakit}

@@ -40,6 +40,8 @@ _TEXT = {
     "qwen2": dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
                   max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False),
 }
+VISION_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                    "patch_size")  # what a vision spec must give
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_key_value_heads",
              "image_size", "patch_size", "max_position_embeddings", "head_dim", "sliding_window"}
 _ARCH = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
@@ -59,7 +61,10 @@ def parse_spec(spec: str, kinds: dict) -> dict:
             raise ConfigError(f"spec item {item!r} must be key=value.")
         key = key.strip()
         if key in _INT_KEYS:
-            out[key] = int(value)
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"spec item {item!r}: {key} must be an integer.") from None
         elif value in ("true", "false"):
             out[key] = value == "true"
         else:
@@ -78,8 +83,7 @@ def _vision_part(value: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Vision config and weights under llavakit names (empty for a spec)."""
     if not _is_folder(value):
         cfg = parse_spec(value, _VISION)
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-                    "patch_size"):
+        for key in VISION_SIZE_KEYS:
             if key not in cfg:
                 raise ConfigError(f"the vision spec needs {key}=...")
         return cfg, {}

@@ -436,7 +436,8 @@ def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: in
             _dump(caps, _image_line(name, "caption", image, scene, [(_phrase(rng, "caption", True), caption(scene))]))
             options = [t for t in IMAGE_TYPES if applicable(scene, t, geo)]
             for t in _pick_types(rng, options, per_image):
-                _dump(train, _image_line(f"{name}-{t}", t, image, scene, [_ask(scene, t, rng, geo, balance, train=True)]))
+                turn = _ask(scene, t, rng, geo, balance, train=True)
+                _dump(train, _image_line(f"{name}-{t}", t, image, scene, [turn]))
                 type_counts[t] += 1
                 lines += 1
 
@@ -510,9 +511,10 @@ def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_v
 
     `n` train pictures give `n` caption lines (captions.jsonl) and `per_image` single-question
     lines each, of distinct types (train.jsonl; fewer when fewer types apply), which also holds
-    `n_compare` picture pairs (default n // 4) and `n_videos` clips (default n // 4). test.jsonl holds `n_test` single-turn lines (default
-    max(700, n // 10)) on pictures and clips of its own. Existing files of the same names are
-    overwritten; nothing else under `out` is touched. Raises ShapesError on bad arguments.
+    `n_compare` picture pairs (default n // 4) and `n_videos` clips (default n // 4). test.jsonl
+    holds `n_test` single-question lines (default max(700, n // 10)) on pictures and clips of its
+    own. Existing files of the same names are overwritten; nothing else under `out` is touched.
+    Raises ShapesError on bad arguments.
     """
     _check("n", n, 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -521,7 +523,7 @@ def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_v
     n_videos = _check("n_videos", n // 4 if n_videos is None else n_videos, 0)
     n_compare = _check("n_compare", n // 4 if n_compare is None else n_compare, 0)
     _check("per_image", per_image, 1)
-    _check("size", size, 48)  # below that, four shapes of 18 px and the gaps between them do not fit
+    _check("size", size, 48)  # below that a grid cell is under 16 px: shapes of a few pixels, kinds unreadable
     if n_compare and n < 2:
         raise ShapesError(f"compare pairs need at least 2 train pictures, got n={n}; pass n_compare=0.")
     out = Path(out)

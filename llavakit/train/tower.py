@@ -31,15 +31,16 @@ import torch.nn.functional as F
 from ..config import VisionConfig
 from ..errors import ConfigError
 from ..model.vision import VisionTower
+from ..processing.image import HALF_MEAN_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..progress import StatusLine, clock
 from ..weights import write_tensors
 from . import shapes as S
-from .assemble import _VISION, _init_random, parse_spec
+from .assemble import _VISION, VISION_SIZE_KEYS, _init_random, parse_spec
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
 _ARCH = {"siglip_vision_model": "SiglipVisionModel", "clip_vision_model": "CLIPVisionModel"}
-_STATS = {"siglip_vision_model": ([0.5] * 3, [0.5] * 3),
-          "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])}
+_STATS = {"siglip_vision_model": (HALF_MEAN_STD, HALF_MEAN_STD), "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+
 
 
 def token_labels(shapes, size: int, patch: int) -> list[int]:
@@ -86,7 +87,29 @@ def _accuracy(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
     kinds = len(S.KINDS)
     return {"token_accuracy": (pred == labels).float().mean().item(),
             "shape_accuracy": (pred[held] == labels[held]).float().mean().item(),
-            "kind_accuracy": ((pred[held] - 1) % kinds == (labels[held] - 1) % kinds).float().mean().item()}
+            "kind_accuracy": ((pred[held] > 0) & ((pred[held] - 1) % kinds == (labels[held] - 1) % kinds))
+            .float().mean().item()}
+
+
+def _check_spec(vision: str) -> dict:
+    """The spec's config dict, or a ConfigError saying what to change."""
+    if Path(vision).is_dir():
+        raise ConfigError(f"pretrain-tower starts from a size spec such as siglip:image_size=96,patch_size=32,..., "
+                          f"not from a folder ({vision}).")
+    cfg = parse_spec(vision, _VISION)
+    for key in VISION_SIZE_KEYS:
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ConfigError(f"the vision spec needs {key}=N with N a positive integer, got {cfg.get(key)!r}.")
+    size, patch = cfg["image_size"], cfg["patch_size"]
+    if size < 48:
+        raise ConfigError(f"image_size must be at least 48 for the shapes world, got {size}.")
+    if size % patch or patch > size // S.GRID:
+        raise ConfigError(f"patch_size {patch} must divide image_size {size} and be at most {size // S.GRID}, "
+                          f"so that no patch spans two cells of the {S.GRID}x{S.GRID} grid.")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ConfigError(f"hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
+                          f"{cfg['num_attention_heads']}.")
+    return cfg
 
 
 def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
@@ -97,14 +120,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
 
     The same arguments give the same weights (pictures come from a generator seeded by `seed`).
     """
-    cfg_dict = parse_spec(vision, _VISION)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-                "patch_size"):
-        if key not in cfg_dict:
-            raise ConfigError(f"the vision spec needs {key}=...")
+    cfg_dict = _check_spec(vision)
     cfg = VisionConfig.from_hf(cfg_dict)
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}.")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
     torch.manual_seed(seed)
@@ -158,5 +175,6 @@ def save_tower(tower: VisionTower, out: Path, cfg_dict: dict) -> None:
     processor = {"image_processor_type": "SiglipImageProcessor" if model_type == "siglip_vision_model"
                  else "CLIPImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
                  "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": mean, "image_std": std}
+                 "image_mean": list(mean), "image_std": list(std), "do_center_crop": False,
+                 "crop_size": {"height": side, "width": side}}
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

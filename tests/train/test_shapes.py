@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from llavakit.errors import LlavakitError
-from llavakit.train.shapes import BACKGROUNDS, COLORS, IMAGE_TYPES, QUESTION_TYPES, make_shapes, normalize_answer
+from llavakit.train.shapes import (BACKGROUNDS, COLORS, IMAGE_TYPES, QUESTION_TYPES, TRAIN_WEIGHTS, _pick_types,
+                                   make_shapes, normalize_answer)
 
 FILES = ("captions.jsonl", "train.jsonl", "test.jsonl")
 
@@ -30,10 +32,8 @@ def media(line: dict) -> list[str]:
 def turns(line: dict) -> list[tuple[str, str, str]]:
     """(type, question without markers, answer) per turn."""
     conv = line["conversations"]
-    types = line.get("turn_types", [line["type"]])
-    assert len(conv) == 2 * len(types)
-    return [(t, conv[2 * i]["value"].replace("<image>\n", "").replace("<video>\n", ""), conv[2 * i + 1]["value"])
-            for i, t in enumerate(types)]
+    assert len(conv) == 2 and "turn_types" not in line  # one question per line
+    return [(line["type"], conv[0]["value"].replace("<image>\n", "").replace("<video>\n", ""), conv[1]["value"])]
 
 
 @pytest.fixture(scope="module")
@@ -241,10 +241,20 @@ def test_train_split_mix(world):
     assert counts == {1: 10, 2: 10, 3: 10, 4: 10}  # picture sizes exactly balanced
     directions = Counter(line["conversations"][1]["value"] for line in train if line["type"] == "motion")
     assert max(directions.values()) - min(directions.values()) <= 1 and len(directions) == 4
-    per_turn = Counter(t for line in train for t in line.get("turn_types", [line["type"]]))
+    per_turn = Counter(line["type"] for line in train)
     assert summary["train_questions"] == {t: per_turn[t] for t in QUESTION_TYPES}
     assert all(per_turn[t] >= 10 for t in QUESTION_TYPES)
     assert all(line["type"] == "caption" for line in data["captions.jsonl"])
+
+
+def test_training_asks_more_about_colour_and_position():
+    rng = random.Random(0)
+    options = list(IMAGE_TYPES)
+    firsts = Counter(_pick_types(rng, options, 1)[0] for _ in range(4000))
+    total = sum(TRAIN_WEIGHTS.values())
+    for t in IMAGE_TYPES:  # drawn in proportion to TRAIN_WEIGHTS
+        assert abs(firsts[t] / 4000 - TRAIN_WEIGHTS[t] / total) < 0.03, (t, firsts)
+    assert sorted(_pick_types(rng, ["shapes", "count"], 5)) == ["count", "shapes"]  # no more than apply, no repeats
 
 
 def test_video_decodes_with_exact_colours(world):
@@ -263,7 +273,8 @@ def test_video_decodes_with_exact_colours(world):
 
 
 def test_bad_arguments_raise_typed_errors(tmp_path):
-    for kwargs in ({"n": 0}, {"n": 4, "n_test": -1}, {"n": 4, "size": 20}, {"n": 1, "n_compare": 1}):
+    for kwargs in ({"n": 0}, {"n": 4, "n_test": -1}, {"n": 4, "size": 20}, {"n": 1, "n_compare": 1},
+                   {"n": 4, "per_image": 0}):
         with pytest.raises(LlavakitError):
             make_shapes(tmp_path / "x", **kwargs)
 

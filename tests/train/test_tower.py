@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -78,9 +79,8 @@ def test_init_takes_the_tower_and_transformers_loads_it(tower, tmp_path):
     transformers = pytest.importorskip("transformers")
     out, _ = tower
     reference = transformers.SiglipVisionModel.from_pretrained(out).eval()
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("What colour is the circle? red blue green\n")
-    model = init_checkpoint(tmp_path / "init", "llava_onevision", str(out), TEXT, corpus=[corpus], vocab_size=300)
+    model = init_checkpoint(tmp_path / "init", "llava_onevision", str(out), TEXT, corpus=[_corpus(tmp_path)],
+                            vocab_size=300)
     vision_config = json.loads((model / "config.json").read_text())["vision_config"]
     assert vision_config["model_type"] == "siglip_vision_model" and "architectures" not in vision_config
     ours = llavakit.load(model, dtype="float32").model.vision_tower
@@ -91,14 +91,54 @@ def test_init_takes_the_tower_and_transformers_loads_it(tower, tmp_path):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_bad_specs_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="needs patch_size"):
-        pretrain_tower(tmp_path / "x", "siglip:image_size=48,hidden_size=32,num_hidden_layers=1,"
-                       "num_attention_heads=2,intermediate_size=64", steps=1, progress=False)
-    with pytest.raises(ConfigError, match="not a multiple of patch_size"):
-        pretrain_tower(tmp_path / "x", VISION.replace("patch_size=16", "patch_size=20"), steps=1, progress=False)
-    with pytest.raises(ConfigError, match="steps and batch size"):
-        pretrain_tower(tmp_path / "x", VISION, steps=0, progress=False)
+@pytest.mark.parametrize("spec,message", [
+    (VISION.replace("patch_size=16,", ""), "needs patch_size=N"),
+    (VISION.replace("patch_size=16", "patch_size=0"), "needs patch_size=N with N a positive integer, got 0"),
+    (VISION.replace("patch_size=16", "patch_size=20"), "patch_size 20 must divide image_size 48"),
+    (VISION.replace("patch_size=16", "patch_size=24"), "be at most 16, so that no patch spans two cells"),
+    (VISION.replace("image_size=48", "image_size=32"), "image_size must be at least 48"),
+    (VISION.replace("image_size=48", "image_size=abc"), "image_size must be an integer"),
+    (VISION.replace("num_attention_heads=2", "num_attention_heads=3"), "not a multiple of num_attention_heads 3"),
+    ("vit:image_size=48", "unknown model spec kind 'vit'"),
+])
+def test_bad_specs_are_refused(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pretrain_tower(tmp_path / "x", spec, steps=1, progress=False)
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_bad_arguments_and_folders_are_refused(tmp_path):
+    for kwargs in ({"steps": 0}, {"batch_size": 0}, {"lr": 0.0}):
+        with pytest.raises(ConfigError, match="steps and batch size must be >= 1 and lr > 0"):
+            pretrain_tower(tmp_path / "x", VISION, progress=False, **kwargs)
+    with pytest.raises(ConfigError, match="starts from a size spec"):
+        pretrain_tower(tmp_path / "x", str(tmp_path), steps=1, progress=False)
+
+
+def test_a_clip_tower_drops_its_class_token_and_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    spec = VISION.replace("siglip:", "clip:")
+    summary = pretrain_tower(tmp_path / "c", spec, steps=3, batch_size=4, progress=False)
+    assert summary["steps"] == 3
+    reference = transformers.CLIPVisionModel.from_pretrained(tmp_path / "c").eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "c")
+    from PIL import Image
+
+    pixels = processor(images=Image.new("RGB", (48, 48), (200, 30, 30)), return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 48, 48)  # no crop to CLIP's default 224
+    model = init_checkpoint(tmp_path / "init", "llava", str(tmp_path / "c"), TEXT, corpus=[_corpus(tmp_path)],
+                            vocab_size=300)
+    ours = llavakit.load(model, dtype="float32").model.vision_tower
+    with torch.no_grad():
+        want = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        got = ours(pixels, (-1,))
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def _corpus(folder):
+    corpus = folder / "corpus.txt"
+    corpus.write_text("What colour is the circle? red blue green\n")
+    return corpus
 
 
 def test_cli_pretrain_tower(tmp_path, capsys):
