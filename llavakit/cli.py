@@ -411,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
     bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
     bat.set_defaults(func=cmd_batch)
+
     ptw = sub.add_parser("pretrain-tower", help="pretrain a vision tower on the shapes world (what and where per patch)")
     ptw.add_argument("--vision", required=True,
                      help="a spec such as siglip:image_size=96,patch_size=32,hidden_size=128,num_hidden_layers=4,"
