@@ -184,9 +184,10 @@ def sample_scene(rng: random.Random, n_shapes: int, geo: Geometry) -> Scene:
     for (color, kind), cell in zip(rng.sample(pairs, n_shapes), rng.sample(range(GRID * GRID), n_shapes)):
         row, col = divmod(cell, GRID)
         s = rng.randint(lo, hi)
-        free = (geo.cell - s) // 2 - geo.margin  # room between the centred shape and the margin
-        x0 = col * geo.cell + (geo.cell - s) // 2 + rng.randint(-min(free, geo.jitter), min(free, geo.jitter))
-        y0 = row * geo.cell + (geo.cell - s) // 2 + rng.randint(-min(free, geo.jitter), min(free, geo.jitter))
+        # off the cell's centre by at most the jitter, and never into the margin
+        shift = min((geo.cell - s) // 2 - geo.margin, geo.jitter)
+        x0 = col * geo.cell + (geo.cell - s) // 2 + rng.randint(-shift, shift)
+        y0 = row * geo.cell + (geo.cell - s) // 2 + rng.randint(-shift, shift)
         shapes.append(Shape(color, kind, (x0, y0, x0 + s, y0 + s)))
     shapes.sort(key=geo.cell_of)
     return Scene(background, tuple(shapes))
@@ -419,12 +420,12 @@ def _pick_types(rng: random.Random, options: list[str], k: int) -> list[str]:
 
 def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: int, per_image: int,
                  type_counts: dict) -> dict:
-    """captions.jsonl and train.jsonl with their media; adds the questions asked to `type_counts`."""
+    """captions.jsonl and train.jsonl with their media; counts the questions asked into `type_counts` (all zero)."""
     master = w.rng("train")
     counts = [1 + i % MAX_SHAPES for i in range(n)]  # shape counts exactly balanced, order shuffled
     master.shuffle(counts)
     balance = _Balance(POSITIONS)
-    scenes, images, lines = [], [], 0
+    scenes, images = [], []
     with open(w.out / "captions.jsonl", "w") as caps, open(w.out / "train.jsonl", "w") as train:
         for i in range(n):
             name = f"train-{i:06d}"
@@ -439,7 +440,6 @@ def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: in
                 turn = _ask(scene, t, rng, geo, balance, train=True)
                 _dump(train, _image_line(f"{name}-{t}", t, image, scene, [turn]))
                 type_counts[t] += 1
-                lines += 1
 
         by_count: dict[int, list[int]] = {}
         for i, c in enumerate(counts):
@@ -466,7 +466,7 @@ def _write_train(w: _Writer, geo: Geometry, n: int, n_compare: int, n_videos: in
             video = w.video(name, background, track, rng, "train")
             _dump(train, _motion_line(name, video, background, track, direction, rng, True))
         type_counts["motion"] += n_videos
-    return {"captions.jsonl": n, "train.jsonl": lines + n_compare + n_videos}
+    return {"captions.jsonl": n, "train.jsonl": sum(type_counts.values())}
 
 
 def _write_test(w: _Writer, geo: Geometry, n_test: int, type_counts: dict) -> int:

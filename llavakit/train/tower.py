@@ -42,7 +42,6 @@ _ARCH = {"siglip_vision_model": "SiglipVisionModel", "clip_vision_model": "CLIPV
 _STATS = {"siglip_vision_model": (HALF_MEAN_STD, HALF_MEAN_STD), "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
 
 
-
 def token_labels(shapes, size: int, patch: int) -> list[int]:
     """Per patch in row-major order: 1 + CLASSES index of the shape whose centre lies in it, else 0."""
     side = size // patch
