@@ -85,6 +85,54 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+CHUNK_QUERIES = 128  # query rows per block: a block's float32 scores stay small enough for the caches
+BLOCK_MAX_KEYS = 2048  # beyond this a block's scores outgrow the caches and SDPA's kernel is as fast
+
+
+def uses_block_attention(q: torch.Tensor, keys: int) -> bool:
+    """Whether `block_attention` replaces SDPA: half-precision inference on the CPU, up to BLOCK_MAX_KEYS keys.
+
+    PyTorch's CPU flash-attention kernel reaches about 130 GFLOP/s in bfloat16 on the development
+    machine, where its bfloat16 matmuls reach about 800. Float32 keeps SDPA (exact parity with
+    transformers' default path), training keeps SDPA's fused backward, GPUs keep their kernels.
+    """
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and keys <= BLOCK_MAX_KEYS
+            and not torch.is_grad_enabled())
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of (B, H, T, hd) queries over (B, Hkv, S, hd) keys/values, CHUNK_QUERIES rows at a time.
+
+    The numerics of transformers' "eager" attention: scores from a half-precision matmul, softmax in
+    float32, probabilities back in half precision for the values. The queries are the last T of the
+    S positions (S > T: a prefill after a cached prefix); each block reads only the keys it may see.
+    Query heads that share a key/value head are multiplied against it together, without repeating it.
+    Against SDPA on the same (B, T, H, hd)-transposed bfloat16 inputs, 2
+    threads, a 1.5k-token prefill of a 14-head, 2-key-head layer takes 19.5 against 33.5 ms and a
+    5.4k-token one 340 against 355 ms in isolation but slower inside a whole prefill (hence
+    BLOCK_MAX_KEYS). For a vision tower's 729 patches with as many key as query heads it is no
+    faster than SDPA (16.5 against 16.6 ms), so towers keep SDPA.
+    """
+    b, h, t, hd = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g, t, hd)  # (B, Hkv, G, T, hd)
+    kt = k.transpose(-1, -2).unsqueeze(2)  # (B, Hkv, 1, hd, S)
+    vg = v.unsqueeze(2)  # (B, Hkv, 1, S, hd)
+    out = torch.empty_like(qg)
+    scale = hd**-0.5
+    for start in range(0, t, CHUNK_QUERIES):
+        stop = min(t, start + CHUNK_QUERIES)
+        keys = s - t + stop  # the block sees keys up to its last query's position
+        n = stop - start
+        scores = torch.matmul(qg[:, :, :, start:stop], kt[..., :keys]).float().mul_(scale)  # (B, Hkv, G, n, keys)
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores[..., keys - n:].masked_fill_(future, float("-inf"))
+        torch.softmax(scores, -1, out=scores)
+        out[:, :, :, start:stop] = torch.matmul(scores.to(q.dtype), vg[..., :keys, :])
+    return out.view(b, h, t, hd)
+
+
 def embedding(num: int, dim: int) -> nn.Embedding:
     """An nn.Embedding left uninitialised: its weights always come from a checkpoint.
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .layers import RMSNorm, activation, apply_rope, embedding, rope_cos_sin, rope_inv_freq
+from .layers import (RMSNorm, activation, apply_rope, block_attention, embedding, rope_cos_sin, rope_inv_freq,
+                     uses_block_attention)
 
 
 @dataclass
@@ -128,6 +129,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, hd)
         if t == 1:
             out = _decode_attention(q, k, v, mask)
+        elif mask is None and uses_block_attention(q, k.shape[2]):  # plain causal: the queries are the last T positions
+            out = block_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
