@@ -18,6 +18,7 @@ from .engine.core import Engine
 from .engine.sampling import SamplingParams
 from .errors import ConfigError, GenerationError, PromptError
 from .processing.processor import Batch, Encoded, Processor
+from .runtime import keep_freed_memory
 from . import original
 from .weights import load_model, read_raw_config, resolve_model_dir, save_weights
 
@@ -301,6 +302,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
     from .model.quant import check_method, quantize_model
 
     check_method(quantize)  # before the slow part
+    keep_freed_memory()  # a quarter off a CPU prefill; see llavakit/runtime.py
     folder = resolve_model_dir(name_or_path, revision)
     raw = read_raw_config(folder)
     torch_dtype = resolve_dtype(dtype, raw, device)

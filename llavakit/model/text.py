@@ -148,7 +148,12 @@ class MLP(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.act is F.silu and not torch.is_grad_enabled():
+            # In place: a 1.5k-token prefill's (T, intermediate) activations are 14 MB in bfloat16 per
+            # layer, and two fresh ones per layer cost more than the arithmetic on them.
+            return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
+        return self.down_proj(self.act(gate) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

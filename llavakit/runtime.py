@@ -1,0 +1,47 @@
+"""Process-wide settings that make CPU inference fast: how the C allocator treats large blocks.
+
+A prefill allocates and frees activations of several megabytes per layer (a 1.5k-token prefill of a
+0.5B decoder: 14 MB per MLP activation). glibc's malloc serves blocks that large with fresh `mmap`
+calls, or trims them off the heap as soon as they are freed, so every layer pays the kernel to map
+and zero the pages again. Keeping freed memory for reuse — what tcmalloc or jemalloc do, and what
+CPU serving guides ask for with LD_PRELOAD — made the 0.5B preset's 1.5k-token decoder prefill 2.9 ->
+2.0 s and a cold 384x384 request 4.4 -> 3.3 s on the development machine, with identical outputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest accepted value on 64-bit systems
+TRIM_THRESHOLD = 2**30  # free heap kept before any is handed back to the system
+OPT_OUT = "LLAVAKIT_KEEP_FREED_MEMORY"
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks up to 32 MB in its heap, and trim only above 1 GB free.
+
+    Returns whether the setting is in force: False off Linux, on a C library without `mallopt`
+    (musl), or when the environment sets LLAVAKIT_KEEP_FREED_MEMORY=0. The price is resident memory:
+    after a large request up to 1 GB of freed heap stays mapped, ready for the next one, instead of
+    going back to the system. Calling it again does nothing.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get(OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied
