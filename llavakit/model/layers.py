@@ -107,11 +107,11 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     float32, probabilities back in half precision for the values. The queries are the last T of the
     S positions (S > T: a prefill after a cached prefix); each block reads only the keys it may see.
     Query heads that share a key/value head are multiplied against it together, without repeating it.
-    Against SDPA on the same (B, T, H, hd)-transposed bfloat16 inputs, 2
-    threads, a 1.5k-token prefill of a 14-head, 2-key-head layer takes 19.5 against 33.5 ms and a
-    5.4k-token one 340 against 355 ms in isolation but slower inside a whole prefill (hence
-    BLOCK_MAX_KEYS). For a vision tower's 729 patches with as many key as query heads it is no
-    faster than SDPA (16.5 against 16.6 ms), so towers keep SDPA.
+    Against SDPA on the same (B, T, H, hd)-transposed bfloat16 inputs, 2 threads: a 1.5k-token
+    prefill of a 14-head, 2-key-head layer takes 19.5 against 33.5 ms; a 5.4k-token one 340 against
+    355 ms alone but no faster inside a whole prefill (hence BLOCK_MAX_KEYS). For a vision tower's
+    729 patches, with as many key as query heads, it is no faster than SDPA (16.5 against 16.6 ms),
+    so towers keep SDPA.
     """
     b, h, t, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]

@@ -150,8 +150,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
         if self.act is F.silu and not torch.is_grad_enabled():
-            # In place: a 1.5k-token prefill's (T, intermediate) activations are 14 MB in bfloat16 per
-            # layer, and two fresh ones per layer cost more than the arithmetic on them.
+            # In place: saves two (T, intermediate) temporaries per layer, 14 MB each in bfloat16 for a
+            # 1.5k-token prefill of the 0.5B decoder (2.65 -> 2.13 s before load() kept freed memory,
+            # 2.35 -> 2.30 s after; identical results).
             return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
         return self.down_proj(self.act(gate) * self.up_proj(x))
 
