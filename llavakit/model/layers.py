@@ -121,13 +121,15 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     vg = v.unsqueeze(2)  # (B, Hkv, 1, S, hd)
     out = torch.empty_like(qg)
     scale = hd**-0.5
+    rows = min(t, CHUNK_QUERIES)
+    # Within a block, query i may not see the block's own keys after i; a ragged last block uses the corner.
+    future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
     for start in range(0, t, CHUNK_QUERIES):
         stop = min(t, start + CHUNK_QUERIES)
         keys = s - t + stop  # the block sees keys up to its last query's position
         n = stop - start
         scores = torch.matmul(qg[:, :, :, start:stop], kt[..., :keys]).float().mul_(scale)  # (B, Hkv, G, n, keys)
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-        scores[..., keys - n:].masked_fill_(future, float("-inf"))
+        scores[..., keys - n:].masked_fill_(future[:n, :n], float("-inf"))
         torch.softmax(scores, -1, out=scores)
         out[:, :, :, start:stop] = torch.matmul(scores.to(q.dtype), vg[..., :keys, :])
     return out.view(b, h, t, hd)
