@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import activation, embedding
+from .layers import activation, dense_attention, embedding, uses_dense_attention
 
 
 class VisionEmbeddings(nn.Module):
@@ -58,7 +58,10 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(shape).transpose(1, 2)  # (N, Hv, L, hd)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
+        if uses_dense_attention(q):
+            out = dense_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
         return self.out_proj(out.transpose(1, 2).reshape(n, length, d))  # (N, L, Dv)
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llavakit.model import layers
-from llavakit.model.layers import BLOCK_MAX_KEYS, block_attention, uses_block_attention
+from llavakit.model.layers import (BLOCK_MAX_KEYS, block_attention, dense_attention, uses_block_attention,
+                                   uses_dense_attention)
 
 
 def _inputs(t: int, s: int, dtype: torch.dtype):
@@ -61,7 +62,64 @@ def test_used_only_for_half_precision_cpu_inference_up_to_the_key_limit():
     bf16 = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert uses_block_attention(bf16, BLOCK_MAX_KEYS)
-        assert not uses_block_attention(bf16, BLOCK_MAX_KEYS + 1)  # long prompts: SDPA is as fast
+        assert not uses_block_attention(bf16, BLOCK_MAX_KEYS + 1)  # very long prompts: SDPA holds no score block
         assert not uses_block_attention(bf16.float(), 16)  # float32 keeps SDPA, for exact parity
     with torch.enable_grad():
         assert not uses_block_attention(bf16, 16)  # training keeps SDPA's fused backward
+
+
+def _vision_inputs(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    # As a vision tower hands them over: (N, L, H, hd) projections, transposed to (N, H, L, hd).
+    q, k, v = (torch.randn(3, 50, 4, 16, generator=g).transpose(1, 2).to(dtype) for _ in range(3))
+    return q, k, v
+
+
+def test_dense_attention_float32_matches_sdpa():
+    q, k, v = _vision_inputs(torch.float32)
+    out = dense_attention(q, k, v)
+    assert out.shape == q.shape and out.stride() == q.stride()  # the caller's transpose back stays a view
+    assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_attention_half_precision_follows_eager_numerics(dtype):
+    q, k, v = _vision_inputs(dtype)
+    out = dense_attention(q, k, v)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    eager = scores.softmax(-1).to(dtype) @ v
+    assert out.dtype == dtype and (out.float() - eager.float()).abs().max().item() <= 1e-2
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out.float() - exact).abs().max().item() <= 3e-2
+
+
+def test_dense_attention_only_for_half_precision_cpu_inference():
+    bf16 = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert uses_dense_attention(bf16)
+        assert not uses_dense_attention(bf16.float())
+    with torch.enable_grad():
+        assert not uses_dense_attention(bf16)
+
+
+def test_vision_tower_in_bfloat16_uses_it_and_agrees_with_sdpa(monkeypatch):
+    from llavakit.config import VisionConfig
+    from llavakit.model import vision
+
+    cfg = VisionConfig.from_hf({"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64,
+                                  "patch_size": 16})
+    torch.manual_seed(0)
+    tower = vision.VisionTower(cfg)
+    for p in tower.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    tower = tower.to(torch.bfloat16).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    calls = []
+    monkeypatch.setattr(vision, "dense_attention", lambda q, k, v: calls.append(q.shape) or dense_attention(q, k, v))
+    with torch.inference_mode():
+        dense = tower(pixels, (-1,))
+        assert calls == [(2, 4, 16, 16)] * 2  # every layer, all images
+        monkeypatch.setattr(vision, "uses_dense_attention", lambda q: False)
+        sdpa = tower(pixels, (-1,))
+    assert (dense.float() - sdpa.float()).abs().max().item() <= 5e-2 * sdpa.float().abs().max().item()
