@@ -380,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     shp.add_argument("--out", required=True, help="folder for images/, videos/ and the JSONL files")
     shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and --per-image questions each)")
     shp.add_argument("--per-image", type=int, default=2, help="train questions per picture, one per line (default 2)")
-    shp.add_argument("--n-test", type=int, help="test questions, one per line (default max(700, n/10))")
+    shp.add_argument("--n-test", type=int, help="test questions, one per line (default max(900, n/10): 100 per type)")
     shp.add_argument("--n-videos", type=int, help="train clips (default n/4)")
     shp.add_argument("--size", type=int, default=96, help="canvas side in pixels (default 96)")
     shp.add_argument("--seed", type=int, default=0)

@@ -12,12 +12,12 @@ set -euo pipefail
 WORK=${1:-shapes-run}
 LLAVAKIT=${LLAVAKIT:-llavakit}
 SEED=${SEED:-0}
-N=${N:-60000}
+N=${N:-80000}
 VIDEOS=${VIDEOS:-15000}
 mkdir -p "$WORK"
-$LLAVAKIT make-shapes --out "$WORK/data" --n "$N" --n-videos "$VIDEOS" --n-test 700 --seed "$SEED" > "$WORK/data.json"
+$LLAVAKIT make-shapes --out "$WORK/data" --n "$N" --per-image 3 --n-videos "$VIDEOS" --n-test 900 --seed "$SEED" > "$WORK/data.json"
 # The tower first, on its own: what each patch holds and which patch it is (under a minute).
-$LLAVAKIT pretrain-tower --out "$WORK/tower" --steps ${TOWER_STEPS:-800} --batch-size 64 --seed "$SEED" \
+$LLAVAKIT pretrain-tower --out "$WORK/tower" --steps ${TOWER_STEPS:-1600} --batch-size 64 --seed "$SEED" \
     --vision siglip:image_size=96,patch_size=32,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512 \
     > "$WORK/tower.json"
 $LLAVAKIT init --family llava_onevision --out "$WORK/init" --seed "$SEED" --vision "$WORK/tower" \

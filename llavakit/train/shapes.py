@@ -3,8 +3,9 @@
 A picture is a plain background (white, black, gray or beige, with mild grain) split into a 3x3
 grid; 1 to 4 of its cells hold a flat shape (circle, square, triangle) in one of 6 colours, of
 its own size and a few pixels off the cell's centre. Within one picture no two shapes share a
-(colour, kind) pair, so "the red circle" always names exactly one shape, and any two shapes are
-apart by whole cells, so "left of" and "above" never hang on a pixel. A clip is 8 frames of one
+(colour, kind) pair; questions about one shape name it by its kind, and only where the picture
+holds one shape of that kind. Any two shapes are apart by whole cells, so "left of" and "above"
+never hang on a pixel. A clip is 8 frames of one
 shape moving left, right, up or down. Every answer follows from the drawing, so it is right by
 construction, and every line carries the drawing's metadata to check it against.
 
@@ -13,7 +14,7 @@ construction, and every line carries the drawing's metadata to check it against.
     ├── videos/train-motion-000000.mkv ...  videos/test-000006.mkv ...   (FFV1: lossless)
     ├── captions.jsonl   stage 1: one caption per train image
     ├── train.jsonl      stage 2: single questions about train pictures, picture pairs and clips
-    └── test.jsonl       one single-turn question per line, the 7 types in turn
+    └── test.jsonl       one single-turn question per line, the 9 types in turn
 
 Lines use the original LLaVA conversation format; media paths are relative to the JSONL file.
 After "id", "type", "image" (a list for two pictures) or "video", and "conversations", each line
@@ -39,12 +40,11 @@ from PIL import Image, ImageDraw
 from ..errors import LlavakitError
 from .evaluate import normalize_answer  # noqa: F401  (re-exported: the evaluator's comparison)
 
-QUESTION_TYPES = ("shapes", "color", "count", "position", "caption", "compare", "motion")
-IMAGE_TYPES = QUESTION_TYPES[:5]  # the types one picture can answer
-# How often training asks each picture question. Finding a shape by its name in the picture is what
-# a small decoder trained from scratch learns slowest (colour of the circle; where the red circle is
-# against the blue square), listing and counting what it learns fastest.
-TRAIN_WEIGHTS = {"shapes": 1, "color": 2, "count": 1, "position": 3, "caption": 1}
+QUESTION_TYPES = ("shapes", "color", "count", "position", "caption", "where", "colors", "compare", "motion")
+IMAGE_TYPES = QUESTION_TYPES[:7]  # the types one picture can answer
+# How often training asks each picture question. Finding a shape by its name is what a small decoder
+# trained from scratch learns slowest; "where" and "colors" teach it directly (see _ask).
+TRAIN_WEIGHTS = {"shapes": 1, "color": 2, "count": 1, "position": 6, "caption": 1, "where": 4, "colors": 2}
 
 # Saturated shape colours, far from each other and from every background (also after the grain).
 COLORS = {
@@ -65,6 +65,8 @@ BACKGROUNDS = {
 KINDS = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 POSITIONS = ("left", "right", "above", "below")
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "middle", "right")
 NOISE = 6  # background grain: each pixel's brightness moves by at most this many levels
 FRAMES = 8  # frames per clip
 FPS = 8
@@ -78,6 +80,9 @@ QUESTIONS = {
     "count": ("How many shapes are there?", "How many shapes are in the picture?", "Count the shapes."),
     "position_x": ("Is the {a} to the left or to the right of the {b}?", "Is the {a} left or right of the {b}?"),
     "position_y": ("Is the {a} above or below the {b}?", "Is the {a} above the {b} or below it?"),
+    "where": ("Where is {names}?", "Where is {names} in the picture?"),
+    "where_many": ("Where are {names}?", "Where are {names} in the picture?"),
+    "colors": ("What colours are {names}?", "What colors are {names}?", "Which colours do {names} have?"),
     "caption": ("Describe the picture in one sentence.", "Give a one-sentence description of the picture.",
                 "What does the picture show? Answer in one sentence."),
     "compare": ("Which image has more shapes, the first or the second?",
@@ -291,12 +296,30 @@ def _phrase(rng: random.Random, key: str, train: bool) -> str:
     return rng.choice(options[1:])
 
 
+def place(shape: Shape, geo: Geometry) -> str:
+    """The grid cell holding `shape` in words: "top left", "middle right", ..., or "centre"."""
+    row, col = geo.cell_of(shape)
+    return "centre" if (row, col) == (GRID // 2, GRID // 2) else f"{ROWS[row]} {COLUMNS[col]}"
+
+
+def _the(kinds) -> str:
+    """'the circle', 'the circle and the square', 'the circle, the square and the triangle'."""
+    items = [f"the {k}" for k in kinds]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _named(scene: Scene) -> list[Shape]:
+    """The shapes a question can name by kind alone: those whose kind the picture holds once."""
+    kinds = [s.kind for s in scene.shapes]
+    return [s for s in scene.shapes if kinds.count(s.kind) == 1]
+
+
 def _positions(scene: Scene, geo: Geometry) -> dict[str, list[tuple[Shape, Shape]]]:
-    """Ordered pairs (a, b) by the answer to "where is a relative to b": left/right when their
-    columns differ, above/below when their rows differ (a pair can answer both questions)."""
+    """Ordered pairs (a, b) of shapes named by kind, by the answer to "where is a relative to b":
+    left/right when their columns differ, above/below when their rows differ (a pair can answer both)."""
     by_answer: dict[str, list] = {}
-    for a in scene.shapes:
-        for b in scene.shapes:
+    for a in _named(scene):
+        for b in _named(scene):
             if a is b:
                 continue
             (ra, ca), (rb, cb) = geo.cell_of(a), geo.cell_of(b)
@@ -309,20 +332,27 @@ def _positions(scene: Scene, geo: Geometry) -> dict[str, list[tuple[Shape, Shape
 
 def applicable(scene: Scene, qtype: str, geo: Geometry) -> bool:
     """Whether a single-picture question of `qtype` has a well-defined answer for `scene`."""
-    if qtype == "color":
-        return bool(_unique_kinds(scene))
-    if qtype == "position":
-        return bool(_positions(scene, geo))
+    if qtype in ("color", "where"):
+        return bool(_named(scene))
+    if qtype in ("position", "colors"):
+        return len(_named(scene)) >= 2  # two shapes in distinct cells always differ in row or column
     return qtype in ("shapes", "count", "caption")
 
 
-def _unique_kinds(scene: Scene) -> list[str]:
-    kinds = [s.kind for s in scene.shapes]
-    return [k for k in KINDS if kinds.count(k) == 1]
-
-
 def _ask(scene: Scene, qtype: str, rng: random.Random, geo: Geometry, balance: _Balance, train: bool):
-    """(question, answer) of `qtype` about one picture; position answers are balanced via `balance`."""
+    """(question, answer) of `qtype` about one picture; position answers are balanced via `balance`.
+
+    Questions name shapes by kind ("the circle"), which names one shape when the picture holds one
+    circle. Finding the named shape is the step a small decoder trained from scratch learns slowest:
+    asked "What colour is the circle?" it must carry "circle" from the question to the answer and
+    then find the circle in the picture, two steps it only learns together, and slowly. Where an
+    answer puts the looked-up value right after the name ("the circle red"), the model learns the
+    lookup at the name's own token (the same token as in the question), and the plain questions
+    then reuse it at the question's name. Only the first word after the name is read this way:
+    in "the circle top left" the column comes out wrong far more often than the row. Hence the
+    "where" and "colors" questions, and position answers that first give the one word that
+    matters for each shape, its column or its row ("the circle left; the square middle; so left").
+    """
     if qtype == "shapes":
         return _phrase(rng, "shapes", train), describe(scene.shapes)
     if qtype == "count":
@@ -330,15 +360,30 @@ def _ask(scene: Scene, qtype: str, rng: random.Random, geo: Geometry, balance: _
     if qtype == "caption":
         return _phrase(rng, "caption", train), caption(scene)
     if qtype == "color":
-        kind = rng.choice(_unique_kinds(scene))
-        shape = next(s for s in scene.shapes if s.kind == kind)
-        return _phrase(rng, "color", train).format(kind=kind), shape.color
+        shape = rng.choice(_named(scene))
+        return _phrase(rng, "color", train).format(kind=shape.kind), shape.color
     if qtype == "position":
         by_answer = _positions(scene, geo)
         answer = balance.pick(rng, by_answer)
         a, b = rng.choice(by_answer[answer])
-        key = "position_x" if answer in ("left", "right") else "position_y"
-        return _phrase(rng, key, train).format(a=a.name, b=b.name), answer
+        across = answer in ("left", "right")
+        key = "position_x" if across else "position_y"
+        # One word each, the column or the row the question is about, read right after the name.
+        side = COLUMNS if across else ROWS
+        (ra, ca), (rb, cb) = geo.cell_of(a), geo.cell_of(b)
+        wa, wb = (side[ca], side[cb]) if across else (side[ra], side[rb])
+        return (_phrase(rng, key, train).format(a=a.kind, b=b.kind), f"the {a.kind} {wa}; the {b.kind} {wb}; so {answer}")
+    if qtype == "where":
+        named = _named(scene)
+        shapes = rng.sample(named, rng.randint(1, len(named)))  # in random order: no reading-order shortcut
+        key = "where" if len(shapes) == 1 else "where_many"
+        return (_phrase(rng, key, train).format(names=_the(s.kind for s in shapes)),
+                "; ".join(f"the {s.kind} {place(s, geo)}" for s in shapes))
+    if qtype == "colors":
+        named = _named(scene)
+        shapes = rng.sample(named, rng.randint(2, len(named)))  # two at least: one is the "color" question
+        return (_phrase(rng, "colors", train).format(names=_the(s.kind for s in shapes)),
+                "; ".join(f"the {s.kind} {s.color}" for s in shapes))
     raise ShapesError(f"no single-picture question of type {qtype!r}; expected one of {IMAGE_TYPES}.")
 
 
@@ -490,8 +535,8 @@ def _write_test(w: _Writer, geo: Geometry, n_test: int, type_counts: dict) -> in
                 images = [w.image(f"{name}-{m}", s, rng, "test") for m, s in zip((1, 2), scenes)]
                 line = _compare_line(name, images, scenes, rng, False)
             else:
-                lowest = 2 if qtype == "position" else 1
-                for _ in range(100):  # only "color" misses, on two kinds twice each: retries are rare
+                lowest = 2 if qtype in ("position", "colors") else 1
+                for _ in range(100):  # pictures whose kinds repeat miss; a few retries at most
                     n_shapes = 1 + turn % MAX_SHAPES if qtype == "count" else rng.randint(lowest, MAX_SHAPES)
                     scene = sample_scene(rng, n_shapes, geo)
                     if applicable(scene, qtype, geo):
@@ -512,14 +557,14 @@ def make_shapes(out: Path, n: int, seed: int = 0, n_test: int | None = None, n_v
     `n` train pictures give `n` caption lines (captions.jsonl) and `per_image` single-question
     lines each, of distinct types (train.jsonl; fewer when fewer types apply), which also holds
     `n_compare` picture pairs (default n // 4) and `n_videos` clips (default n // 4). test.jsonl
-    holds `n_test` single-question lines (default max(700, n // 10)) on pictures and clips of its
+    holds `n_test` single-question lines (default max(900, n // 10): 100 per type) on pictures and clips of its
     own. Existing files of the same names are overwritten; nothing else under `out` is touched.
     Raises ShapesError on bad arguments.
     """
     _check("n", n, 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ShapesError(f"seed must be an integer, got {seed!r}.")
-    n_test = _check("n_test", max(700, n // 10) if n_test is None else n_test, 0)
+    n_test = _check("n_test", max(100 * len(QUESTION_TYPES), n // 10) if n_test is None else n_test, 0)
     n_videos = _check("n_videos", n // 4 if n_videos is None else n_videos, 0)
     n_compare = _check("n_compare", n // 4 if n_compare is None else n_compare, 0)
     _check("per_image", per_image, 1)

@@ -39,7 +39,7 @@ def turns(line: dict) -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    summary = make_shapes(out, 40, seed=3, n_test=700)
+    summary = make_shapes(out, 40, seed=3, n_test=900)
     return out, summary, {name: read(out / name) for name in FILES}
 
 
@@ -48,7 +48,7 @@ def all_files(folder: Path) -> dict[str, bytes]:
 
 
 def test_question_types_and_normalize():
-    assert QUESTION_TYPES == ("shapes", "color", "count", "position", "caption", "compare", "motion")
+    assert QUESTION_TYPES == ("shapes", "color", "count", "position", "caption", "where", "colors", "compare", "motion")
     assert normalize_answer("  A red circle on a white background. ") == "a red circle on a white background"
     assert normalize_answer("Left\n") == "left"
     assert normalize_answer("the first") == "the first"
@@ -66,7 +66,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_files_markers_and_split_disjoint(world):
     out, summary, data = world
     assert summary["lines"] == {name: len(lines) for name, lines in data.items()}
-    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 700}
+    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 900}
     used = {"train": set(), "test": set()}
     for name, lines in data.items():
         assert len({line["id"] for line in lines}) == len(lines), f"{name}: ids not unique"
@@ -101,6 +101,11 @@ def cell(shape: dict) -> tuple[int, int]:
     """(row, column) of the 32 px grid cell holding the shape's centre."""
     x0, y0, x1, y1 = shape["bbox"]
     return int((y0 + y1) / 2 // 32), int((x0 + x1) / 2 // 32)
+
+
+def place(shape: dict) -> str:
+    row, col = cell(shape)
+    return "centre" if (row, col) == (1, 1) else f"{('top', 'middle', 'bottom')[row]} {('left', 'middle', 'right')[col]}"
 
 
 def listing(shapes: list[dict]) -> str:
@@ -141,7 +146,12 @@ def check_pixels(image: np.ndarray, background: str, shapes: list[dict]) -> None
 
 def expected(qtype: str, question: str, shapes: list[dict], background: str) -> str:
     """The answer worked out from the metadata alone."""
-    by_name = {f"{s['color']} {s['kind']}": s for s in shapes}
+    kinds = Counter(s["kind"] for s in shapes)
+    # Questions name shapes by kind, and only kinds the picture holds once.
+    named = [(m.start(), m.group(1)) for m in re.finditer(r"the (circle|square|triangle)\b", question)]
+    assert all(kinds[k] == 1 for _, k in named), (question, shapes)
+    by_kind = {s["kind"]: s for s in shapes}
+    asked = [by_kind[k] for _, k in named]
     if qtype == "shapes":
         return listing(shapes)
     if qtype == "count":
@@ -150,17 +160,24 @@ def expected(qtype: str, question: str, shapes: list[dict], background: str) -> 
         text = f"{listing(shapes)} on {article(background)} background."
         return text[0].upper() + text[1:]
     if qtype == "color":
-        kind = re.search(r"the (circle|square|triangle)", question).group(1)
-        (match,) = [s for s in shapes if s["kind"] == kind]
-        return match["color"]
+        (shape,) = asked
+        return shape["color"]
+    if qtype == "colors":
+        assert len(asked) >= 2
+        return "; ".join(f"the {s['kind']} {s['color']}" for s in asked)
+    if qtype == "where":
+        assert len(asked) >= 1
+        return "; ".join(f"the {s['kind']} {place(s)}" for s in asked)
     if qtype == "position":
-        a, b = (by_name[m] for m in re.findall(r"the (\w+ (?:circle|square|triangle))\b", question))
+        a, b = asked
         (ra, ca), (rb, cb) = cell(a), cell(b)
         if "left" in question:
             assert ca != cb  # asked only along an axis where their columns (rows) differ
-            return "left" if ca < cb else "right"
+            words = ("left", "middle", "right")
+            return f"the {a['kind']} {words[ca]}; the {b['kind']} {words[cb]}; so {'left' if ca < cb else 'right'}"
         assert ra != rb
-        return "above" if ra < rb else "below"
+        words = ("top", "middle", "bottom")
+        return f"the {a['kind']} {words[ra]}; the {b['kind']} {words[rb]}; so {'above' if ra < rb else 'below'}"
     raise AssertionError(qtype)
 
 
@@ -194,15 +211,17 @@ def test_answers_match_pixels_and_metadata(world):
                 for qtype, question, answer in line_turns:
                     assert answer == expected(qtype, question, line["shapes"], line["background"]), (line["id"], question)
             seen[name] += 1
-    assert seen == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 700}
+    assert seen == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 900}
 
 
 CANONICAL = {
     "shapes": r"What shapes are in the picture\?",
     "color": r"What colour is the (circle|square|triangle)\?",
     "count": r"How many shapes are there\?",
-    "position": r"Is the \w+ \w+ (to the left or to the right of|above or below) the \w+ \w+\?",
+    "position": r"Is the \w+ (to the left or to the right of|above or below) the \w+\?",
     "caption": r"Describe the picture in one sentence\.",
+    "where": r"Where is the \w+\?|Where are the \w+(, the \w+)* and the \w+\?",
+    "colors": r"What colours are the \w+(, the \w+)* and the \w+\?",
     "compare": r"Which image has more shapes, the first or the second\?",
     "motion": r"Which way does the \w+ \w+ move\?",
 }
@@ -220,6 +239,7 @@ def test_test_split_is_balanced_and_canonical(world):
         assert re.fullmatch(CANONICAL[qtype], question), question
         assert answer == answer.strip() and (qtype == "caption") == answer.endswith(".")
         answers[qtype][answer] += 1
+    answers["position"] = Counter(a.rsplit(" ", 1)[1] for a in answers["position"].elements())
     for qtype, keys in (("count", "1234"), ("position", ("left", "right", "above", "below")),
                         ("motion", ("left", "right", "up", "down")), ("compare", ("the first", "the second"))):
         mean = sum(answers[qtype].values()) / len(keys)
@@ -243,7 +263,7 @@ def test_train_split_mix(world):
     assert max(directions.values()) - min(directions.values()) <= 1 and len(directions) == 4
     per_turn = Counter(line["type"] for line in train)
     assert summary["train_questions"] == {t: per_turn[t] for t in QUESTION_TYPES}
-    assert all(per_turn[t] >= 10 for t in QUESTION_TYPES)
+    assert all(per_turn[t] >= 3 for t in QUESTION_TYPES)  # every type asked, the rarest ("colors") needs two named kinds
     assert all(line["type"] == "caption" for line in data["captions.jsonl"])
 
 
@@ -283,9 +303,9 @@ def test_cli(tmp_path, capsys):
     from llavakit.cli import main
 
     out = tmp_path / "cli"
-    assert main(["make-shapes", "--out", str(out), "--n", "40", "--n-test", "70", "--seed", "1"]) == 0
+    assert main(["make-shapes", "--out", str(out), "--n", "40", "--n-test", "90", "--seed", "1"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 70}
+    assert summary["lines"] == {"captions.jsonl": 40, "train.jsonl": 100, "test.jsonl": 90}
     assert all((out / name).is_file() for name in FILES)
     assert Counter(line["type"] for line in read(out / "test.jsonl")) == {t: 10 for t in QUESTION_TYPES}
 
