@@ -5,9 +5,9 @@ grid; 1 to 4 of its cells hold a flat shape (circle, square, triangle) in one of
 its own size and a few pixels off the cell's centre. Within one picture no two shapes share a
 (colour, kind) pair; questions about one shape name it by its kind, and only where the picture
 holds one shape of that kind. Any two shapes are apart by whole cells, so "left of" and "above"
-never hang on a pixel. A clip is 8 frames of one
-shape moving left, right, up or down. Every answer follows from the drawing, so it is right by
-construction, and every line carries the drawing's metadata to check it against.
+never hang on a pixel. A clip is 8 frames of one shape moving left, right, up or down. Every
+answer follows from the drawing, so it is right by construction, and every line carries the
+drawing's metadata to check it against.
 
     out/
     ├── images/train-000000.png ...  images/test-000000.png ...   (never shared between splits)
@@ -276,10 +276,14 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
+def _join(items: list[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def describe(shapes) -> str:
     """'a red circle, a blue square and an orange triangle': the shapes in the order given."""
-    items = [_a(s.name) for s in shapes]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return _join([_a(s.name) for s in shapes])
 
 
 def caption(scene: Scene) -> str:
@@ -304,8 +308,7 @@ def place(shape: Shape, geo: Geometry) -> str:
 
 def _the(kinds) -> str:
     """'the circle', 'the circle and the square', 'the circle, the square and the triangle'."""
-    items = [f"the {k}" for k in kinds]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return _join([f"the {k}" for k in kinds])
 
 
 def _named(scene: Scene) -> list[Shape]:
@@ -318,8 +321,9 @@ def _positions(scene: Scene, geo: Geometry) -> dict[str, list[tuple[Shape, Shape
     """Ordered pairs (a, b) of shapes named by kind, by the answer to "where is a relative to b":
     left/right when their columns differ, above/below when their rows differ (a pair can answer both)."""
     by_answer: dict[str, list] = {}
-    for a in _named(scene):
-        for b in _named(scene):
+    named = _named(scene)
+    for a in named:
+        for b in named:
             if a is b:
                 continue
             (ra, ca), (rb, cb) = geo.cell_of(a), geo.cell_of(b)
