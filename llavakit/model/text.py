@@ -118,6 +118,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
 
+    def _plain_causal(self, mask, cache: PagedStep | None) -> bool:
+        """Whether the queries are the last T of one row's S positions, each seeing every earlier key:
+        what `block_attention` computes. Besides mask None (S == T), a chunk of a prompt prefilled
+        after its cached beginning (the engine marks it `plain_causal`) is such a case."""
+        return mask is None or (cache is not None and cache.plain_causal and self.window is None)
+
     def forward(self, x, cos, sin, mask, layer_idx: int, cache: PagedStep | None) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
@@ -129,7 +135,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, S, hd)
         if t == 1:
             out = _decode_attention(q, k, v, mask)
-        elif mask is None and uses_block_attention(q, k.shape[2]):  # plain causal: the queries are the last T positions
+        elif self._plain_causal(mask, cache) and uses_block_attention(q, k.shape[2]):
             out = block_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)

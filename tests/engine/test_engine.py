@@ -258,3 +258,31 @@ def test_requests_about_one_image_arriving_together_prefill_it_once(models):
     assert shared > 2 * BLOCK  # the image and the template before the question
     assert engine.stats()["prefix_cache_hit_tokens"] == 3 * (shared // BLOCK) * BLOCK
     assert together == [vlm.chat(c, sampling=p).token_ids for c, p in requests]
+
+
+def test_chunked_half_precision_prefill_reads_the_cached_prefix_through_blocks(checkpoint, monkeypatch):
+    """bfloat16 on the CPU: every chunk of a prompt prefilled in pieces runs through block_attention
+    over the cached beginning and itself (keys > queries), and the answer is the unchunked one."""
+    import torch
+
+    import llavakit.engine.core as core
+    import llavakit.model.text as text
+
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.bfloat16)
+    conv = _conv("Describe the image in detail. " * 6, [_image(3, 80, 60)])
+    whole = vlm.chat(conv, max_new_tokens=8).token_ids
+    calls = []
+    real = text.block_attention
+    monkeypatch.setattr(text, "block_attention", lambda q, k, v: calls.append((q.shape[2], k.shape[2])) or real(q, k, v))
+    monkeypatch.setattr(core, "PREFILL_CHUNK", 16)
+    engine = Engine(vlm.model, vlm.processor.tokenizer, vlm.eos_ids, EngineConfig())
+    enc = vlm.processor.encode(conv)
+    engine.add_request("long", enc, llavakit.SamplingParams(max_new_tokens=8))
+    got = []
+    while engine.has_unfinished():
+        got += [d.token_id for _, d in engine.step()]
+    prompt = len(enc.input_ids)
+    layers = len(vlm.model.language_model.layers)
+    chunks = [(min(16, prompt - start), min(start + 16, prompt)) for start in range(0, prompt, 16)]
+    assert calls == [c for c in chunks for _ in range(layers)]  # every chunk, every layer, keys = all so far
+    assert got == whole
