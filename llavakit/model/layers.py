@@ -85,7 +85,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-CHUNK_QUERIES = 128  # query rows per block: a block's float32 scores stay small enough for the caches
+CHUNK_QUERIES = 128  # query rows per block: a block's scores stay small enough for the shared cache
 BLOCK_MAX_KEYS = 16384  # a block's half-precision scores: 128 x keys x heads x 2 bytes (59 MB for 14 heads)
 
 
@@ -96,8 +96,7 @@ def uses_block_attention(q: torch.Tensor, keys: int) -> bool:
     machine, where its bfloat16 matmuls reach about 800. Float32 keeps SDPA (exact parity with
     transformers' default path), training keeps SDPA's fused backward, GPUs keep their kernels.
     """
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and keys <= BLOCK_MAX_KEYS
-            and not torch.is_grad_enabled())
+    return keys <= BLOCK_MAX_KEYS and uses_dense_attention(q)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -138,7 +137,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def uses_dense_attention(q: torch.Tensor) -> bool:
-    """Whether a vision tower's attention runs through `dense_attention`: half-precision inference on the CPU."""
+    """Whether a vision tower's attention runs through `dense_attention`: half-precision inference on the CPU
+    (the condition `uses_block_attention` shares)."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
 
 
