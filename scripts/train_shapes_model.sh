@@ -6,8 +6,8 @@
 #
 #   scripts/train_shapes_model.sh [WORK_DIR]      (default: ./shapes-run; the model ends in WORK_DIR/model)
 #
-# N (train pictures), VIDEOS (train clips), TOWER_STEPS and STEPS (stage 2 steps) scale the run down
-# for a try-out; SEED changes every random choice (default 0, the shipped model's).
+# N (train pictures), VIDEOS (train clips), TOWER_STEPS, STEPS and LR (stage 2 steps and peak learning rate) change the run
+# (smaller for a try-out); SEED changes every random choice (default 0, the shipped model's).
 set -euo pipefail
 WORK=${1:-shapes-run}
 LLAVAKIT=${LLAVAKIT:-llavakit}
@@ -29,5 +29,5 @@ $LLAVAKIT train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out "$
 # Stage 2: projector and language model learn on single questions, picture pairs and clips; the
 # pretrained tower stays frozen (trained through the language model's loss it forgets shapes' kinds).
 $LLAVAKIT train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" --stage full \
-    --max-steps ${STEPS:-9000} --batch-size 32 --lr 1e-3 --warmup-ratio 0.03 --bf16 --compile --seed "$SEED"
+    --max-steps ${STEPS:-9000} --batch-size 32 --lr ${LR:-1e-3} --warmup-ratio 0.03 --bf16 --compile --seed "$SEED"
 $LLAVAKIT eval --model "$WORK/model" --data "$WORK/data/test.jsonl" --dtype float32 | tee "$WORK/eval.md"
