@@ -6,8 +6,9 @@
 #
 #   scripts/train_shapes_model.sh [WORK_DIR]      (default: ./shapes-run; the model ends in WORK_DIR/model)
 #
-# N (train pictures), VIDEOS (train clips), TOWER_STEPS, STEPS and LR (stage 2 steps and peak learning rate) change the run
-# (smaller for a try-out); SEED changes every random choice (default 0, the shipped model's).
+# N (train pictures), VIDEOS (train clips), TOWER_STEPS, STEPS (stage 2 steps) and LR (stage 2's
+# peak learning rate) change the run, smaller for a try-out; SEED changes every random choice
+# (default 0, the shipped model's).
 set -euo pipefail
 WORK=${1:-shapes-run}
 LLAVAKIT=${LLAVAKIT:-llavakit}
