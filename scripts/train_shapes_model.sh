@@ -30,5 +30,5 @@ $LLAVAKIT train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out "$
 # Stage 2: projector and language model learn on single questions, picture pairs and clips; the
 # pretrained tower stays frozen (trained through the language model's loss it forgets shapes' kinds).
 $LLAVAKIT train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" --stage full \
-    --max-steps ${STEPS:-9000} --batch-size 32 --lr ${LR:-1e-3} --warmup-ratio 0.03 --bf16 --compile --seed "$SEED"
+    --max-steps ${STEPS:-9000} --batch-size 32 --lr ${LR:-5e-4} --warmup-ratio 0.03 --bf16 --compile --seed "$SEED"
 $LLAVAKIT eval --model "$WORK/model" --data "$WORK/data/test.jsonl" --dtype float32 | tee "$WORK/eval.md"
