@@ -6,16 +6,20 @@ BIN := $(VENV)/bin
 IMAGE ?= examples/picture.png
 QUESTION ?= Describe the picture in one sentence.
 
+# TORCH_INDEX: a wheel index for torch, e.g. PyTorch's CPU builds (make chat TORCH_INDEX=https://download.pytorch.org/whl/cpu);
+# by default pip's own index, which outside this project's machines resolves torch to a multi-GB CUDA build.
+TORCH_INDEX ?=
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: chat test shapes-model
+.PHONY: chat test shapes-model bench-llamacpp
 chat: $(VENV)/.installed
 	$(BIN)/llavakit chat --image $(IMAGE) "$(QUESTION)"
 
@@ -25,3 +29,9 @@ test: $(VENV)/.installed
 # Retrain the shipped model from scratch (about 40 minutes on 2 cores); the result lands in shapes-run/model.
 shapes-model: $(VENV)/.installed
 	LLAVAKIT=$(BIN)/llavakit scripts/train_shapes_model.sh shapes-run
+
+# llavakit against llama.cpp on the same decoder (bench/llamacpp.py); builds llama-cpp-python from source
+# with this CPU's instruction set (about 15 minutes on 2 cores the first time).
+bench-llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/llamacpp.py

@@ -222,7 +222,13 @@ class VLM:
 
     # -- persistence and introspection --------------------------------------------------------
     def save_pretrained(self, out: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
-        """Write a Hugging Face checkpoint folder (weights in this model's dtype, plus every side file)."""
+        """Write a Hugging Face checkpoint folder (weights in this model's dtype, plus every side file).
+
+        A quantised model writes its int8/int4 weights and scales and says so in config.json's
+        `quantization_config`; `llavakit.load` reads such a folder back quantised, with identical logits.
+        """
+        from .model.quant import quantization_config
+
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         if out.resolve() != self.folder.resolve():
@@ -233,6 +239,10 @@ class VLM:
         config = dict(self.config.source)
         config["dtype"] = str(self.dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
+        config.pop("quantization_config", None)
+        quantized = quantization_config(self.model)
+        if quantized is not None:  # transformers cannot read this layout; llavakit.load can, quantised
+            config["quantization_config"] = quantized
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_weights(self.model, out, max_shard_bytes)
         return out
@@ -296,23 +306,39 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
     step's tensors live. Sampling other than plain greedy runs on the CPU on any device.
     vision_tower, conv_template: original-format checkpoints only: the CLIP/SigLIP folder when the
     checkpoint does not store its tower, and the conversation template when the name does not tell.
-    quantize: "none" or "int8" (weight-only int8 for the decoder and the output head: about 2x fewer
-    bytes read per decoded token; see llavakit/model/quant.py).
+    quantize: "none", "int8" or "int4": weight-only quantisation of the decoder and the output head in
+    groups of 32 values with one scale each (about 2x / 4x fewer bytes read per decoded token than
+    bfloat16), done tensor by tensor while reading; see llavakit/model/quant.py. A checkpoint saved
+    quantised by `save_pretrained` loads quantised whatever this says ("none" or its own method).
     """
-    from .model.quant import check_method, quantize_model
+    from .model.fused_decode import install as install_fused_decode
+    from .model.linear import speed_up_linears
+    from .model.quant import check_method, stored_quantization
 
     check_method(quantize)  # before the slow part
     keep_freed_memory()  # a quarter off a CPU prefill; see llavakit/runtime.py
     folder = resolve_model_dir(name_or_path, revision)
     raw = read_raw_config(folder)
     torch_dtype = resolve_dtype(dtype, raw, device)
+    stored = stored_quantization(raw)
+    if stored is not None:
+        if quantize not in ("none", stored[0]):
+            raise ConfigError(f"{folder} is saved quantised as {stored[0]}; load it with quantize={stored[0]!r} "
+                              f"(or 'none'), or quantise the unquantised checkpoint as {quantize}.")
+        quantize = stored[0]
     if original.is_original(raw):
-        cfg, model, processor = original.load_parts(folder, raw, torch_dtype, vision_tower, conv_template)
+        if stored is not None:
+            raise ConfigError("quantization_config applies to llava-hf-format checkpoints only.")
+        cfg, model, processor = original.load_parts(folder, raw, torch_dtype, vision_tower, conv_template, quantize)
     else:
         if vision_tower is not None or conv_template is not None:
             raise ConfigError("vision_tower and conv_template apply to original-format checkpoints only.")
         cfg = LlavaConfig.from_hf(raw)
         processor = Processor.load(folder, cfg)
-        model = load_model(folder, cfg, torch_dtype)
-    model = quantize_model(model.to(device), quantize)
+        model = load_model(folder, cfg, torch_dtype, quantize=quantize,
+                           stored_group_size=None if stored is None else stored[1])
+    model = model.to(device)
+    if torch.device(device).type == "cpu":
+        speed_up_linears(model)
+        install_fused_decode(model)
     return VLM(model, processor, cfg, folder, _eos_ids(folder, cfg, processor))

@@ -320,8 +320,10 @@ def pick_template(name_hint: str, text_type: str, override: str | None) -> str:
     return "llava_v1"
 
 
-def load_parts(folder: Path, raw: dict, dtype, vision_tower: str | Path | None, conv_template: str | None):
-    """(LlavaConfig, model, Processor) for an original-format checkpoint folder."""
+def load_parts(folder: Path, raw: dict, dtype, vision_tower: str | Path | None, conv_template: str | None,
+               quantize: str = "none"):
+    """(LlavaConfig, model, Processor) for an original-format checkpoint folder (quantised while read
+    when `quantize` says so)."""
     from .config import LlavaConfig
     from .processing.processor import Processor
     from .processing.prompt import load_tokenizer
@@ -336,7 +338,7 @@ def load_parts(folder: Path, raw: dict, dtype, vision_tower: str | Path | None, 
     sources = [(folder, lambda k: weight_name(k, siglip_layers))]
     if tower_folder is not None and not stored:
         sources.append((tower_folder, lambda k: tower_weight_name(k, siglip_layers)))
-    model = load_model(folder, cfg, dtype, sources)
+    model = load_model(folder, cfg, dtype, sources, quantize)
     tokenizer = load_tokenizer(folder)
     template = TEMPLATES[template_for(raw, folder, cfg.text.model_type, conv_template)]
     processor = Processor.build(tokenizer, image_processor_dict(raw, tower_processor), cfg, template, original=True)

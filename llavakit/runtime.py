@@ -45,3 +45,45 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_pages(address: int, nbytes: int) -> bool:
+    """Drop this process's resident pages of a read-only file mapping in [address, address + nbytes).
+
+    Quantising a checkpoint reads each bfloat16 weight once from its memory-mapped file; the pages
+    read would stay resident (counted in the process's memory) for as long as the mapping lives,
+    which is as long as any unquantised weight of the same file is in use. Only whole pages inside
+    the range are dropped; reading them again faults them back in from the file, so this is safe
+    on a mapping never written to, and only on such a mapping. Returns whether anything was dropped.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    start = -(-address // _PAGE) * _PAGE
+    stop = (address + nbytes) // _PAGE * _PAGE
+    if stop <= start or not _in_private_file_mapping(start, stop):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc.madvise(start, stop - start, _MADV_DONTNEED) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _in_private_file_mapping(start: int, stop: int) -> bool:
+    """Whether [start, stop) lies inside one private mapping of a file (never anonymous memory:
+    dropping those pages would zero them)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start < hi:
+                    return stop <= hi and fields[1].endswith("p") and fields[4] != "0" and len(fields) >= 6
+    except (OSError, ValueError, IndexError):
+        pass
+    return False

@@ -19,8 +19,11 @@ from safetensors.torch import save_file
 
 from .config import LlavaConfig
 from .errors import ConfigError, WeightsError
+from .runtime import release_pages
 
 KeyMap = Callable[[str], "str | None"]  # checkpoint key -> llavakit name, or None to skip
+# (llavakit name, tensor as stored) -> the state entries that replace it, or None to keep it as usual
+Convert = Callable[[str, torch.Tensor], "dict[str, torch.Tensor] | None"]
 
 # (checkpoint prefix, llavakit prefix); the first match wins, so longer prefixes come first.
 _KEY_PREFIXES = (
@@ -146,12 +149,17 @@ def _read_tensors(path: Path):
 
 
 def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
-               sources: list[tuple[Path, KeyMap]] | None = None) -> dict[str, torch.Tensor]:
+               sources: list[tuple[Path, KeyMap]] | None = None,
+               convert: Convert | None = None) -> dict[str, torch.Tensor]:
     """Read every weight of `folder` under llavakit names, floats converted to `dtype`.
 
     sources: (folder, key map) pairs to read instead, for checkpoints whose weights are split over
-    folders or named otherwise; a key map returns None for a weight to skip. Raises WeightsError
-    listing missing and unexpected keys against `model`'s parameters.
+    folders or named otherwise; a key map returns None for a weight to skip. convert: called with
+    each (name, tensor as stored) before anything else; it returns the state entries to keep in
+    its place (quantisation: `X.weight` becomes `X.qweight` and `X.scales`), or None for the usual
+    handling. The pages of a converted tensor's file mapping are dropped afterwards, so a model
+    quantised while loading never holds the file's bytes. Raises WeightsError listing missing and
+    unexpected keys against `model`'s parameters.
     """
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
     expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
@@ -159,7 +167,7 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
     unexpected: list[str] = []
     for src, key_map in sources or [(folder, canonical_key)]:
         for path in weight_files(src):
-            _read_file(path, key_map, expected, tied, dtype, state, unexpected)
+            _read_file(path, key_map, expected, tied, dtype, state, unexpected, convert)
     missing = sorted(expected - state.keys())
     if missing or unexpected:
         parts = []
@@ -175,12 +183,18 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
     return state
 
 
-def _read_file(path: Path, key_map, expected: set, tied: bool, dtype: torch.dtype, state: dict, unexpected: list):
+def _read_file(path: Path, key_map, expected: set, tied: bool, dtype: torch.dtype, state: dict, unexpected: list,
+               convert: Convert | None):
     for key, tensor in _read_tensors(path):
         name = key_map(key)
         if name is None or name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
             tied and name == "lm_head.weight"
         ):
+            continue
+        converted = convert(name, tensor) if convert is not None else None
+        if converted is not None:
+            release_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+            state.update(converted)
             continue
         if name not in expected:
             unexpected.append(key)
@@ -241,14 +255,22 @@ def read_tensors(folder: Path):
 
 
 def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
-               sources: list[tuple[Path, KeyMap]] | None = None) -> torch.nn.Module:
-    """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`."""
+               sources: list[tuple[Path, KeyMap]] | None = None, quantize: str = "none",
+               stored_group_size: int | None = None) -> torch.nn.Module:
+    """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`.
+
+    quantize: "none", "int8" or "int4": the decoder's linear layers and the output head are quantised
+    tensor by tensor as they are read (see llavakit/model/quant.py); with stored_group_size, the
+    checkpoint already holds them in that form, in groups of stored_group_size.
+    """
     from .model.llava import LlavaModel
     from .model.layers import rope_inv_freq
+    from .model.quant import loading_converter
 
     with torch.device("meta"):
         model = LlavaModel(cfg)
-    assign_weights(model, load_state(folder, model, dtype, sources))
+    convert = loading_converter(model, quantize, dtype, stored_group_size)
+    assign_weights(model, load_state(folder, model, dtype, sources, convert))
     model.tie_weights()
     # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.
     model.language_model.inv_freq = rope_inv_freq(cfg.text.rope, cfg.text.head_dim)

@@ -41,7 +41,7 @@ class LlavaModel(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the output projection with the input embeddings when the config says so."""
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # a quantised head is its own copy
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     @property

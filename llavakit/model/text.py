@@ -188,6 +188,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.sliding_windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+        # A whole single-token step in one native call, when fused_decode.install() gave one: it
+        # returns None for what it cannot take, and the layers below run instead.
+        self.fused_decode = None
 
     def forward(
         self,
@@ -205,6 +208,10 @@ class TextModel(nn.Module):
         Returns final-normed hidden states (B, T, D).
         """
         t = embeds.shape[1]
+        if t == 1 and cache is not None and self.fused_decode is not None:
+            hidden = self.fused_decode(embeds, positions, cache)
+            if hidden is not None:
+                return hidden
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
         windows = set(self.cfg.sliding_windows)
         if cache is not None:

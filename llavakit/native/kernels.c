@@ -1,0 +1,617 @@
+/* Matrix-vector products for decoding on a CPU: a few rows of activations against a weight
+ * matrix that is read once per call, straight from its stored form (bfloat16, or blocks of
+ * int8 / int4 with one float16 scale per group).
+ *
+ * Decoding one token reads every weight of the decoder once, so its speed is set by how many
+ * bytes a second the cores can stream. The kernels therefore touch each weight byte once, keep
+ * the activations in L1, and split the output rows over the process's OpenMP threads (the same
+ * runtime PyTorch uses, so the two share one thread pool).
+ *
+ * Quantised products follow the usual block scheme of CPU inference engines: the activations
+ * of each call are quantised to int8 in blocks of 32 with one float scale per block, and each
+ * block's dot product is an exact integer sum scaled by (weight scale * activation scale).
+ *
+ * Layouts (row-major, contiguous):
+ *   x      (M, K)        activations, float32 (xdt 0) or bfloat16 (xdt 1)
+ *   y      (M, N)        output, float32 (ydt 0) or bfloat16 (ydt 1)
+ *   bias   (N,) float32  or NULL
+ *   bf16   w (N, K) uint16                                     K % 16 == 0
+ *   int8   w (N, K) int8,  scales (N, K / G) float16           K % G == 0, G % 32 == 0
+ *   int4   w (N, K / 2) uint8: in each block of 32 values, byte j holds value j in its low
+ *          nibble and value j + 16 in its high nibble, stored as q + 8 (q in [-8, 7]);
+ *          scales (N, K / G) float16                           K % G == 0, G % 32 == 0
+ * Every function returns 0, or -1 when it cannot allocate its scratch memory.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QK 32 /* values per activation block */
+#ifndef PREFETCH
+#define PREFETCH 2048 /* bytes ahead of each weight row the kernels ask the cache for */
+#endif
+#ifndef QPREFETCH
+#define QPREFETCH 16 /* blocks ahead of a quantised tile the kernels ask the cache for */
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            u = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+static inline float load_x(const void *x, int xdt, size_t i) {
+    return xdt ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline void store_y(void *y, int ydt, size_t i, float v) {
+    if (ydt) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+#ifdef __AVX2__
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ---------------------------------------------------------------- bfloat16 weights */
+
+/* x as float32, each group of 16 reordered [even values, odd values]: a 32-byte load of 16
+ * bfloat16 weights gives the even ones by a 16-bit shift and the odd ones by a mask, with no
+ * widening shuffle. */
+static void bf16_prepare_x(const void *x, int xdt, int M, int K, float *xf) {
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < K; g += 16)
+            for (int i = 0; i < 8; i++) {
+                xf[(size_t)m * K + g + i] = load_x(x, xdt, (size_t)m * K + g + 2 * i);
+                xf[(size_t)m * K + g + 8 + i] = load_x(x, xdt, (size_t)m * K + g + 2 * i + 1);
+            }
+}
+
+/* out[r] = dot(w row r, xf) for R (1..4) consecutive rows. */
+static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, float *out) {
+#ifdef __AVX2__
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int k = 0; k < K; k += 16) {
+        __m256 xe = _mm256_loadu_ps(xf + k), xo = _mm256_loadu_ps(xf + k + 8);
+        for (int r = 0; r < R; r++) {
+            if (!(k & 31)) _mm_prefetch((const char *)(w + (size_t)r * K + k) + PREFETCH, _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + k));
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), xo, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        float s = 0.f;
+        for (int k = 0; k < K; k += 16)
+            for (int i = 0; i < 8; i++)
+                s += bf16_to_f32(w[(size_t)r * K + k + 2 * i]) * xf[k + i] +
+                     bf16_to_f32(w[(size_t)r * K + k + 2 * i + 1]) * xf[k + 8 + i];
+        out[r] = s;
+    }
+#endif
+}
+
+int lk_linear_bf16(const void *x, int xdt, const uint16_t *w, const float *bias, void *y, int ydt,
+                   int M, int N, int K) {
+    float *xf = (float *)malloc(sizeof(float) * (size_t)M * K);
+    if (!xf) return -1;
+    bf16_prepare_x(x, xdt, M, K, xf);
+    int tiles = (N + 3) / 4;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int t = 0; t < tiles; t++) {
+        int n0 = t * 4, R = N - n0 < 4 ? N - n0 : 4;
+        float out[4];
+        for (int m = 0; m < M; m++) {
+            bf16_rows(w + (size_t)n0 * K, xf + (size_t)m * K, K, R, out);
+            for (int r = 0; r < R; r++)
+                store_y(y, ydt, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- int8 / int4 weights */
+
+/* Activations quantised per block of 32: q = round(x / d), d = max|x| / 127. */
+typedef struct {
+    int8_t *q;  /* (M, K) */
+    uint8_t *a; /* |q|: the unsigned operand of the 8-bit multiply-add against int8 weights */
+    float *d;   /* (M, K / 32) block scales */
+    float *d8;  /* 8 * d * sum(q) per block: int4 values are stored as q + 8, this takes the 8 back off */
+} qx;
+
+static size_t qx_bytes(int M, int K) { return (size_t)M * K * 2 + (size_t)M * (K / QK) * 2 * sizeof(float) + 64; }
+
+static qx qx_carve(char *mem, int M, int K) {
+    qx x;
+    x.d = (float *)mem;
+    x.d8 = x.d + (size_t)M * (K / QK);
+    x.q = (int8_t *)(x.d8 + (size_t)M * (K / QK));
+    x.a = (uint8_t *)(x.q + (size_t)M * K);
+    return x;
+}
+
+static void quantize_x(const void *x, int xdt, int M, int K, qx out) {
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / QK; b++) {
+            size_t o = (size_t)m * K + (size_t)b * QK, bi = (size_t)m * (K / QK) + b;
+            float v[QK], amax = 0.f;
+            for (int i = 0; i < QK; i++) {
+                v[i] = load_x(x, xdt, o + i);
+                float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
+            }
+            float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            int sum = 0;
+            for (int i = 0; i < QK; i++) {
+                int q = (int)lrintf(v[i] * id);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                out.q[o + i] = (int8_t)q;
+                out.a[o + i] = (uint8_t)(q < 0 ? -q : q);
+                sum += q;
+            }
+            out.d[bi] = d;
+            out.d8[bi] = 8.f * d * (float)sum;
+        }
+}
+
+/* Quantised weights are stored in tiles of 8 rows (the row count padded to a multiple of 8), so
+ * that one pass over a tile's bytes, in order, gives all 8 rows' dot products in the 8 lanes of
+ * one vector: no horizontal sums, one conversion and one scale multiply per block for 8 rows, and
+ * a single sequential stream per thread for the prefetcher. Per tile t and block b (32 values):
+ *   int8: 256 bytes: for chunk c = 0..7 (values 4c..4c+3), for row r = 0..7: 4 int8 values.
+ *   int4: 128 bytes: for load j = 0..3, for row r = 0..7, for i = 0..3: a byte whose low nibble
+ *         is value 4j+i of row r and whose high nibble is value 4(j+4)+i, each stored as q + 8.
+ *   scales: (tiles, K / G, 8) float16: a group's 8 row scales side by side.
+ * Activation chunks of 4 bytes are broadcast against the 8 rows. int8: |x| * (w * sign(x)) fits
+ * the unsigned-by-signed 8-bit multiply-add exactly. int4: the stored nibble q + 8 is unsigned,
+ * multiplies x directly (8 products per lane stay within int16), and 8 * sum(x) per block is
+ * taken off at the end. */
+static void qtile8(int bits, const uint8_t *tile, const uint16_t *tscales, int G, const int8_t *xq, const uint8_t *xa,
+                   const float *xd, const float *xd8, int K, float *out) {
+    int per = G / QK, nb = K / QK;
+    size_t block_bytes = bits == 8 ? 256 : 128;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    int si = 0, left = per;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = tile + (size_t)b * block_bytes;
+        const int32_t *xc = (const int32_t *)(xq + (size_t)b * QK);
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tscales + (size_t)si * 8)));
+        __m256i s32;
+        for (size_t line = 0; line < block_bytes; line += 64) /* every cache line of the block QPREFETCH ahead */
+            _mm_prefetch((const char *)wb + QPREFETCH * block_bytes + line, _MM_HINT_T0);
+        if (bits == 8) {
+            const int32_t *ac = (const int32_t *)(xa + (size_t)b * QK);
+            s32 = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + c * 32));
+                __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(ac[c]), _mm256_sign_epi8(v, _mm256_set1_epi32(xc[c])));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+            }
+        } else {
+            __m256i s16 = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * 32));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_set1_epi32(xc[j])));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                                                 _mm256_set1_epi32(xc[j + 4])));
+            }
+            s32 = _mm256_madd_epi16(s16, ones);
+            corr = _mm256_fmadd_ps(ws, _mm256_set1_ps(xd8[b]), corr);
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(xd[b])), acc);
+        if (--left == 0) { si++; left = per; }
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, corr));
+#else
+    (void)xa; (void)xd8;
+    for (int r = 0; r < 8; r++) out[r] = 0.f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = tile + (size_t)b * block_bytes;
+        const int8_t *x = xq + (size_t)b * QK;
+        for (int r = 0; r < 8; r++) {
+            int32_t sum = 0;
+            for (int c = 0; c < 8; c++)
+                for (int i = 0; i < 4; i++) {
+                    int wv;
+                    if (bits == 8) {
+                        wv = ((const int8_t *)wb)[c * 32 + r * 4 + i];
+                    } else {
+                        uint8_t byte = wb[(c & 3) * 32 + r * 4 + i];
+                        wv = (c < 4 ? (byte & 15) : (byte >> 4)) - 8;
+                    }
+                    sum += wv * x[c * 4 + i];
+                }
+            out[r] += (float)sum * f16_to_f32(tscales[(size_t)(b / per) * 8 + r]) * xd[b];
+        }
+    }
+#endif
+}
+
+/* Rows [n0, n0 + R) (n0 a multiple of 8, R <= 8) of a tiled quantised matrix against batch row m. */
+static inline void qtile(int bits, const void *w, const uint16_t *scales, int G, int n0, int R, qx x, int m, int K,
+                         float *out) {
+    size_t tile_bytes = bits == 8 ? (size_t)K * 8 : (size_t)K * 4, nb = (size_t)(K / QK);
+    float all[8];
+    qtile8(bits, (const uint8_t *)w + (size_t)(n0 / 8) * tile_bytes, scales + (size_t)(n0 / 8) * (K / G) * 8, G,
+           x.q + (size_t)m * K, x.a + (size_t)m * K, x.d + m * nb, x.d8 + m * nb, K, all);
+    for (int r = 0; r < R; r++) out[r] = all[r];
+}
+
+static int linear_q(int bits, const void *x, int xdt, const void *w, const uint16_t *scales, int G,
+                    const float *bias, void *y, int ydt, int M, int N, int K) {
+    char *mem = (char *)malloc(qx_bytes(M, K));
+    if (!mem) return -1;
+    qx xq = qx_carve(mem, M, K);
+    quantize_x(x, xdt, M, K, xq);
+    int tiles = (N + 7) / 8;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int t = 0; t < tiles; t++) {
+        int n0 = t * 8, R = N - n0 < 8 ? N - n0 : 8;
+        float out[8];
+        for (int m = 0; m < M; m++) {
+            qtile(bits, w, scales, G, n0, R, xq, m, K, out);
+            for (int r = 0; r < R; r++) store_y(y, ydt, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+        }
+    }
+    free(mem);
+    return 0;
+}
+
+int lk_linear_int8(const void *x, int xdt, const int8_t *w, const uint16_t *scales, int G, const float *bias,
+                   void *y, int ydt, int M, int N, int K) {
+    return linear_q(8, x, xdt, w, scales, G, bias, y, ydt, M, N, K);
+}
+
+int lk_linear_int4(const void *x, int xdt, const uint8_t *w, const uint16_t *scales, int G, const float *bias,
+                   void *y, int ydt, int M, int N, int K) {
+    return linear_q(4, x, xdt, w, scales, G, bias, y, ydt, M, N, K);
+}
+
+/* Which instruction set the library was built for: 2 = AVX2+FMA, 0 = portable C. */
+int lk_isa(void) {
+#ifdef __AVX2__
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------- float32 weights */
+
+static inline float f32_dot(const float *w, const float *x, int K) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+#else
+    float s = 0.f;
+    int k = 0;
+#endif
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+/* dot(bfloat16 k, float32 q) and acc += w * bfloat16 v over one head (hd values). */
+static inline float bf16_dot(const uint16_t *k, const float *q, int hd) {
+    int i = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= hd; i += 8) {
+        __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(k + i))), 16);
+        acc = _mm256_fmadd_ps(_mm256_castsi256_ps(v), _mm256_loadu_ps(q + i), acc);
+    }
+    s = hsum(acc);
+#endif
+    for (; i < hd; i++) s += bf16_to_f32(k[i]) * q[i];
+    return s;
+}
+
+static inline void bf16_axpy(float w, const uint16_t *v, float *acc, int hd) {
+    int i = 0;
+#ifdef __AVX2__
+    __m256 wv = _mm256_set1_ps(w);
+    for (; i + 8 <= hd; i += 8) {
+        __m256i x = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + i))), 16);
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_castsi256_ps(x), _mm256_loadu_ps(acc + i)));
+    }
+#endif
+    for (; i < hd; i++) acc[i] += w * bf16_to_f32(v[i]);
+}
+
+/* ================================================================ one decode step, all layers
+ *
+ * The decoder of Llama / Mistral / Qwen2 for B rows of one new token each, against the engine's
+ * paged key/value pool: the whole step in one call, so that no per-operation overhead is paid
+ * between the matrix products. It computes what llavakit/model/text.py computes for a
+ * single-token step; with bfloat16 activations (dt 1) every intermediate that PyTorch would
+ * round to bfloat16 is rounded here at the same place, so the two paths agree to accumulation
+ * order. Supports gated SiLU MLPs, biases on any projection, per-layer sliding windows and
+ * grouped key/value heads; callers check everything else before choosing this path.
+ */
+
+typedef struct {
+    const void *w;          /* weight: float32 (kind 32), bfloat16 (16), int8 (8) or int4 (4) */
+    const uint16_t *scales; /* float16 group scales (kinds 8 and 4) */
+    const void *bias;       /* (n,) in the model dtype, or NULL */
+    int kind, group, n, k;
+} lk_linear;
+
+typedef struct {
+    lk_linear q, k, v, o, gate, up, down;
+    const void *attn_norm, *mlp_norm; /* (D,) model dtype */
+    void *kpool, *vpool;              /* (slots, Hkv, hd) in the cache dtype */
+    int window;                       /* sliding window, 0 for none */
+} lk_layer;
+
+#ifdef LK_PROFILE
+#include <stdio.h>
+#include <time.h>
+static double prof[8];
+static double prof_now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+#define PROF_START double prof_t = prof_now()
+#define PROF(i) do { double n_ = prof_now(); prof[i] += n_ - prof_t; prof_t = n_; } while (0)
+void lk_prof_print(void) { for (int i = 0; i < 8; i++) fprintf(stderr, "phase %d: %.2f ms\n", i, prof[i] * 1e3); }
+#else
+#define PROF_START
+#define PROF(i)
+#endif
+
+static inline float rnd(int dt, float v) { return dt ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static inline float load_t(const void *p, int dt, size_t i) {
+    return dt ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+typedef struct {
+    const lk_linear *m;
+    const float *x; /* (B, k) float, already rounded to the model dtype */
+    float *y;       /* (B, n) */
+    float *xf;      /* bf16 kind: x reordered for the kernel */
+    qx xq;          /* int8 / int4 kinds: x quantised */
+} job;
+
+static size_t job_scratch(const lk_linear *m, int B) { return qx_bytes(B, m->k) + (size_t)B * m->k * sizeof(float); }
+
+static void job_prepare(job *j, int B, char *scratch, const job *same) {
+    const lk_linear *m = j->m;
+    if (m->kind == 16) {
+        j->xf = (float *)scratch;
+        bf16_prepare_x(j->x, 0, B, m->k, j->xf);
+    } else if (m->kind == 8 || m->kind == 4) {
+        if (same) { /* q, k and v (gate and up) read the same input: quantise it once */
+            j->xq = same->xq;
+            return;
+        }
+        j->xq = qx_carve(scratch, B, m->k);
+        quantize_x(j->x, 0, B, m->k, j->xq);
+    }
+}
+
+/* Rows [n0, n0 + R) of job j for every batch row, rounded to dt. */
+static void job_rows(const job *j, int B, int n0, int R, int dt, int bias_dt) {
+    const lk_linear *m = j->m;
+    int K = m->k;
+    for (int b = 0; b < B; b++) {
+        float out[8];
+        if (m->kind == 16) {
+            bf16_rows((const uint16_t *)m->w + (size_t)n0 * K, j->xf + (size_t)b * K, K, R, out);
+        } else if (m->kind == 32) {
+            for (int r = 0; r < R; r++) out[r] = f32_dot((const float *)m->w + (size_t)(n0 + r) * K, j->x + (size_t)b * K, K);
+        } else {
+            qtile(m->kind, m->w, m->scales, m->group, n0, R, j->xq, b, K, out);
+        }
+        for (int r = 0; r < R; r++) {
+            float v = out[r] + (m->bias ? load_t(m->bias, bias_dt, n0 + r) : 0.f);
+            j->y[(size_t)b * m->n + n0 + r] = rnd(dt, v);
+        }
+    }
+}
+
+/* Several products in one parallel region (q, k and v; gate and up): their rows are one index space. */
+static int run_jobs(job *jobs, int nj, int B, int dt) {
+    size_t total = 0;
+    for (int i = 0; i < nj; i++) total += job_scratch(jobs[i].m, B);
+    char *scratch = (char *)malloc(total);
+    if (!scratch) return -1;
+    size_t off = 0;
+    int tiles = 0, start[8], width[8];
+    for (int i = 0; i < nj; i++) {
+        const job *same = NULL;
+        for (int e = 0; e < i; e++)
+            if (jobs[e].x == jobs[i].x && jobs[e].m->kind == jobs[i].m->kind && jobs[e].m->k == jobs[i].m->k &&
+                (jobs[i].m->kind == 8 || jobs[i].m->kind == 4))
+                same = &jobs[e];
+        job_prepare(&jobs[i], B, scratch + off, same);
+        off += job_scratch(jobs[i].m, B);
+        start[i] = tiles;
+        width[i] = jobs[i].m->kind == 8 || jobs[i].m->kind == 4 ? 8 : 4;  /* rows per tile */
+        tiles += (jobs[i].m->n + width[i] - 1) / width[i];
+    }
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int t = 0; t < tiles; t++) {
+        int i = nj - 1;
+        while (start[i] > t) i--;
+        int n0 = (t - start[i]) * width[i], n = jobs[i].m->n;
+        job_rows(&jobs[i], B, n0, n - n0 < width[i] ? n - n0 : width[i], dt, dt);
+    }
+    free(scratch);
+    return 0;
+}
+
+static void rms_norm(const float *x, const void *w, int dt, int B, int D, float eps, float *out) {
+    for (int b = 0; b < B; b++) {
+        const float *r = x + (size_t)b * D;
+        float ss = 0.f;
+        for (int i = 0; i < D; i++) ss += r[i] * r[i];
+        float inv = 1.f / sqrtf(ss / D + eps);
+        for (int i = 0; i < D; i++) out[(size_t)b * D + i] = rnd(dt, load_t(w, dt, i) * rnd(dt, r[i] * inv));
+    }
+}
+
+/* x * cos + rotate_half(x) * sin for one head of hd values, each product and the sum rounded. */
+static void rope(float *x, const float *cos, const float *sin, int hd, int dt) {
+    float tmp[512];
+    int half = hd / 2;
+    for (int i = 0; i < hd; i++) {
+        float rot = i < half ? -x[i + half] : x[i - half];
+        tmp[i] = rnd(dt, rnd(dt, x[i] * cos[i]) + rnd(dt, rot * sin[i]));
+    }
+    memcpy(x, tmp, sizeof(float) * hd);
+}
+
+int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void *x_io, int B, int D, int H, int Hkv,
+                     int hd, int I, float eps, const float *cos, const float *sin, const int64_t *write_slots,
+                     const int64_t *read_slots, const int64_t *positions, int S, int dt, int cache_dt) {
+    if (hd > 512 || H % Hkv) return -2;
+    size_t qn = (size_t)H * hd, kvn = (size_t)Hkv * hd;
+    float *x = (float *)malloc(sizeof(float) * B * D), *h = (float *)malloc(sizeof(float) * B * D);
+    float *q = (float *)malloc(sizeof(float) * B * qn), *k = (float *)malloc(sizeof(float) * B * kvn);
+    float *v = (float *)malloc(sizeof(float) * B * kvn), *att = (float *)malloc(sizeof(float) * B * qn);
+    float *g = (float *)malloc(sizeof(float) * B * I), *u = (float *)malloc(sizeof(float) * B * I);
+    float *probs = (float *)malloc(sizeof(float) * (size_t)B * H * S);
+    int rc = -1;
+    if (!x || !h || !q || !k || !v || !att || !g || !u || !probs) goto done;
+    for (size_t i = 0; i < (size_t)B * D; i++) x[i] = load_t(x_io, dt, i);
+    float scale = 1.f / sqrtf((float)hd);
+    int group = H / Hkv;
+    PROF_START;
+    for (int l = 0; l < L; l++) {
+        const lk_layer *ly = &layers[l];
+        rms_norm(x, ly->attn_norm, dt, B, D, eps, h);
+        PROF(0);
+        job qkv[3] = {{.m = &ly->q, .x = h, .y = q}, {.m = &ly->k, .x = h, .y = k}, {.m = &ly->v, .x = h, .y = v}};
+        if (run_jobs(qkv, 3, B, dt)) goto done;
+        PROF(1);
+        for (int b = 0; b < B; b++) {
+            for (int hh = 0; hh < H; hh++) rope(q + b * qn + (size_t)hh * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd, dt);
+            for (int hh = 0; hh < Hkv; hh++) rope(k + b * kvn + (size_t)hh * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd, dt);
+            size_t slot = (size_t)write_slots[b] * kvn;
+            for (size_t i = 0; i < kvn; i++) { /* the new key and value go into the pool first: a token sees itself */
+                if (cache_dt) {
+                    ((uint16_t *)ly->kpool)[slot + i] = f32_to_bf16(k[b * kvn + i]);
+                    ((uint16_t *)ly->vpool)[slot + i] = f32_to_bf16(v[b * kvn + i]);
+                } else {
+                    ((float *)ly->kpool)[slot + i] = k[b * kvn + i];
+                    ((float *)ly->vpool)[slot + i] = v[b * kvn + i];
+                }
+            }
+        }
+#pragma omp parallel for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int hh = 0; hh < H; hh++) {
+                int kh = hh / group;
+                int64_t pos = positions[b], lo = 0;
+                if (ly->window > 0 && pos - ly->window + 1 > 0) lo = pos - ly->window + 1;
+                const float *qq = q + b * qn + (size_t)hh * hd;
+                float *p = probs + ((size_t)b * H + hh) * S, mx = -INFINITY;
+                for (int64_t s = lo; s <= pos; s++) {
+                    size_t off = (size_t)read_slots[(size_t)b * S + s] * kvn + (size_t)kh * hd;
+                    float d = cache_dt ? bf16_dot((const uint16_t *)ly->kpool + off, qq, hd)
+                                       : f32_dot((const float *)ly->kpool + off, qq, hd);
+                    p[s] = d * scale;
+                    mx = p[s] > mx ? p[s] : mx;
+                }
+                float sum = 0.f;
+                for (int64_t s = lo; s <= pos; s++) {
+                    p[s] = expf(p[s] - mx);
+                    sum += p[s];
+                }
+                float acc[512];
+                for (int i = 0; i < hd; i++) acc[i] = 0.f;
+                for (int64_t s = lo; s <= pos; s++) {
+                    float w = p[s] / sum;
+                    size_t off = (size_t)read_slots[(size_t)b * S + s] * kvn + (size_t)kh * hd;
+                    if (cache_dt) {
+                        w = rnd(1, w); /* probabilities meet the values in the cache's dtype */
+                        bf16_axpy(w, (const uint16_t *)ly->vpool + off, acc, hd);
+                    } else {
+                        const float *vv = (const float *)ly->vpool + off;
+                        for (int i = 0; i < hd; i++) acc[i] += w * vv[i];
+                    }
+                }
+                float *o = att + b * qn + (size_t)hh * hd;
+                for (int i = 0; i < hd; i++) o[i] = rnd(cache_dt, acc[i]);
+            }
+        PROF(2);
+        job o = {.m = &ly->o, .x = att, .y = h};
+        if (run_jobs(&o, 1, B, dt)) goto done;
+        PROF(3);
+        for (size_t i = 0; i < (size_t)B * D; i++) x[i] = rnd(dt, x[i] + h[i]);
+        rms_norm(x, ly->mlp_norm, dt, B, D, eps, h);
+        PROF(0);
+        job gu[2] = {{.m = &ly->gate, .x = h, .y = g}, {.m = &ly->up, .x = h, .y = u}};
+        if (run_jobs(gu, 2, B, dt)) goto done;
+        PROF(4);
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < B * I; i++) g[i] = rnd(dt, rnd(dt, g[i] / (1.f + expf(-g[i]))) * u[i]);
+        PROF(5);
+        job dn = {.m = &ly->down, .x = g, .y = h};
+        if (run_jobs(&dn, 1, B, dt)) goto done;
+        PROF(6);
+        for (size_t i = 0; i < (size_t)B * D; i++) x[i] = rnd(dt, x[i] + h[i]);
+        PROF(0);
+    }
+    rms_norm(x, final_norm, dt, B, D, eps, h);
+    for (size_t i = 0; i < (size_t)B * D; i++) store_y(x_io, dt, i, h[i]);
+    rc = 0;
+done:
+    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(probs);
+    return rc;
+}
