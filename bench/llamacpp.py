@@ -152,14 +152,18 @@ def write_gguf(ckpt: Path, out: Path, kind: str) -> Path:
 class LlavakitEngine:
     """llavakit's engine fed token ids: the path `chat`, `generate` and the server take."""
 
-    def __init__(self, ckpt: Path, quantize: str, threads: int):
+    def __init__(self, vlm):
+        self.vlm, self.engine = vlm, vlm.engine
+
+    @classmethod
+    def load(cls, ckpt: Path, pair: str, threads: int, dtype=None) -> LlavakitEngine:
+        """The checkpoint in bfloat16 (or `dtype`), quantised as `pair` says (bf16: not at all)."""
         import torch
 
         import llavakit
 
         torch.set_num_threads(threads)
-        self.vlm = llavakit.load(ckpt, dtype=torch.bfloat16, quantize="none" if quantize == "bf16" else quantize)
-        self.engine = self.vlm.engine
+        return cls(llavakit.load(ckpt, dtype=dtype or torch.bfloat16, quantize="none" if pair == "bf16" else pair))
 
     def _request(self, ids: list[int], n: int):
         from llavakit import SamplingParams
@@ -242,22 +246,16 @@ def decode_logits_cosine(ckpt: Path, method: str, prompt: list[int], n: int, thr
     native decode kernels produce, not a prefill's."""
     import torch
 
-    import llavakit
-
-    torch.set_num_threads(threads)
     runs = {}
-    for name, dtype, quantize in (("float32", torch.float32, "none"), (method, torch.bfloat16,
-                                                                      "none" if method == "bf16" else method)):
-        vlm = llavakit.load(ckpt, dtype=dtype, quantize=quantize)
-        engine = LlavakitEngine.__new__(LlavakitEngine)
-        engine.vlm, engine.engine = vlm, vlm.engine
+    for name, pair, dtype in (("float32", "bf16", torch.float32), (method, method, torch.bfloat16)):
+        engine = LlavakitEngine.load(ckpt, pair, threads, dtype)
         captured = []
-        head = vlm.model.lm_head
+        head = engine.vlm.model.lm_head
         hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out.float().reshape(-1, out.shape[-1])[-1]))
         tokens = engine.greedy(prompt, n)
         hook.remove()
         runs[name] = (tokens, captured[-n:])  # the last n heads: the prompt's last position, then each decode step
-        del vlm, engine
+        del engine
     (ft, fl), (qt, ql) = runs["float32"], runs[method]
     cosines = []
     for i in range(n):
@@ -277,7 +275,7 @@ def worker(args) -> int:
     if args.worker == "llama.cpp":
         engine = LlamaCppEngine(Path(args.gguf), args.threads, args.prefill_tokens + 64)
     else:
-        engine = LlavakitEngine(Path(args.ckpt), args.worker, args.threads)
+        engine = LlavakitEngine.load(Path(args.ckpt), args.worker, args.threads)
     print(json.dumps({"ready": True, "rss_mb": _rss_mb()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)

@@ -51,3 +51,39 @@ def test_load_applies_it():
     code = ("import llavakit, llavakit.runtime as r; from llavakit.cli import SHIPPED_MODEL; "
             "llavakit.load(SHIPPED_MODEL); print(r._applied)")
     assert _run(code, "1")[-1] == str(sys.platform.startswith("linux"))
+
+
+def _rss_file_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return 0
+
+
+@linux_only
+def test_release_pages_drops_a_file_mappings_pages_and_they_read_back(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llavakit.runtime import release_pages
+
+    save_file({"w": torch.arange(16 * 2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))  # 64 MB
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        w = f.get_tensor("w")
+    total = float(w.sum())  # every page read: resident
+    before = _rss_file_kb()
+    assert release_pages(w.data_ptr(), w.numel() * 4)
+    assert before - _rss_file_kb() >= 50 * 1024
+    assert float(w.sum()) == total  # faulted back in from the file
+
+
+@linux_only
+def test_release_pages_leaves_anonymous_memory_alone():
+    import torch
+
+    from llavakit.runtime import release_pages
+
+    t = torch.ones(4 * 2**20)
+    assert not release_pages(t.data_ptr(), t.numel() * 4)
+    assert float(t.sum()) == 4 * 2**20

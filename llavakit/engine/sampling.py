@@ -124,6 +124,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[l
     plain = [i for i, p in enumerate(params) if _plain_greedy(p)]
     if plain:
         rows = logits if len(plain) == len(params) else logits[plain]  # (b, V)
+        if rows.device.type == "cpu" and rows.dtype != torch.float32:
+            rows = rows.float()  # PyTorch's CPU argmax over 152k bfloat16 logits: 0.9 ms, over float32 0.3 ms
         for i, token in zip(plain, rows.argmax(-1).tolist()):
             picks[i] = Pick(token)
     rest = [i for i, pick in enumerate(picks) if pick is None]

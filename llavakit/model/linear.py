@@ -17,30 +17,14 @@ Training (gradients on), other devices and other dtypes take plain `F.linear`.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from .layers import widens
 
 NATIVE_MAX_ROWS = 8  # above this, the kernel's per-row cost passes a matmul's
-
-
-@functools.cache
-def bf16_matmul_is_native() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's AVX512-BF16 or AMX path)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def widens(x: torch.Tensor) -> bool:
-    """Whether products with `x` run through float32: bfloat16 inference on a CPU without native bfloat16."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not bf16_matmul_is_native())
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .linear import bias32_ptr, dense, dtype_code, kernel_for, native_out, widens
+from .layers import widens
+from .linear import bias32_ptr, dense, dtype_code, kernel_for, native_out
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -179,6 +180,8 @@ class QuantLinear(nn.Module):
         return dequantize_tiles(self.qweight, self.scales, self.bits, self.out_features, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Prefill stays on the dequantised matmul: on a 2-core AVX2 CPU the integer kernels' 1.5k-row
+        # products took 25.6 s (int4) and 30.3 s (int8) against 25-28 s for float32 matmuls.
         lib = kernel_for(x, self.in_features, 32)
         if lib is None:
             x = x.to(self.compute_dtype)

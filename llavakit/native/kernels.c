@@ -289,20 +289,33 @@ static inline void qtile(int bits, const void *w, const uint16_t *scales, int G,
     for (int r = 0; r < R; r++) out[r] = all[r];
 }
 
+#define MBLOCK 64 /* activation rows per pass over the weights: their int8 blocks stay in L2 */
+
 static int linear_q(int bits, const void *x, int xdt, const void *w, const uint16_t *scales, int G,
                     const float *bias, void *y, int ydt, int M, int N, int K) {
     char *mem = (char *)malloc(qx_bytes(M, K));
     if (!mem) return -1;
     qx xq = qx_carve(mem, M, K);
-    quantize_x(x, xdt, M, K, xq);
-    int tiles = (N + 7) / 8;
-#pragma omp parallel for schedule(dynamic, 8)
-    for (int t = 0; t < tiles; t++) {
-        int n0 = t * 8, R = N - n0 < 8 ? N - n0 : 8;
-        float out[8];
+    if (M > 8) {
+#pragma omp parallel for schedule(static)
         for (int m = 0; m < M; m++) {
-            qtile(bits, w, scales, G, n0, R, xq, m, K, out);
-            for (int r = 0; r < R; r++) store_y(y, ydt, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+            qx row = {xq.q + (size_t)m * K, xq.a + (size_t)m * K, xq.d + (size_t)m * (K / QK), xq.d8 + (size_t)m * (K / QK)};
+            quantize_x((const char *)x + (size_t)m * K * (xdt ? 2 : 4), xdt, 1, K, row);
+        }
+    } else {
+        quantize_x(x, xdt, M, K, xq);
+    }
+    int tiles = (N + 7) / 8;
+    for (int m0 = 0; m0 < M; m0 += MBLOCK) {
+        int m1 = M - m0 < MBLOCK ? M : m0 + MBLOCK;
+#pragma omp parallel for schedule(dynamic, 8)
+        for (int t = 0; t < tiles; t++) {
+            int n0 = t * 8, R = N - n0 < 8 ? N - n0 : 8;
+            float out[8];
+            for (int m = m0; m < m1; m++) {
+                qtile(bits, w, scales, G, n0, R, xq, m, K, out);
+                for (int r = 0; r < R; r++) store_y(y, ydt, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
+            }
         }
     }
     free(mem);

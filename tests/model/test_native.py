@@ -1,0 +1,124 @@
+"""The native CPU decode kernels: built on first use, equal to the PyTorch path, and never required."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import llavakit
+from llavakit import native
+from llavakit.engine.sampling import SamplingParams
+from llavakit.model.fused_decode import FusedDecoder
+from llavakit.model.linear import NATIVE_MAX_ROWS, FastLinear
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS])
+def test_bfloat16_kernel_matches_the_float32_product(rows):
+    torch.manual_seed(0)
+    linear = FastLinear.wrap(nn.Linear(96, 53).to(torch.bfloat16).requires_grad_(False))  # 53: a ragged last tile
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = linear(x)
+    want = x.float() @ linear.weight.float().T + linear.bias.float()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 53)
+    # float32 sums in another order, rounded once to bfloat16: at most one bfloat16 step from the exact value
+    assert bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all())
+
+
+def _answers(vlm, conv, n=12):
+    return vlm.generate([conv, conv[:1]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "llama", "next_qwen2_tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_gives_the_tokens_of_the_pytorch_step(checkpoint, name, dtype):
+    """The whole single-token step in one native call against text.py's layers, batched (two rows)."""
+    vlm = llavakit.load(checkpoint(name), dtype=dtype)
+    assert isinstance(vlm.model.language_model.fused_decode, FusedDecoder)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Describe a cat on a mat in detail."}]},
+            {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And the ball?"}]
+    fused = _answers(vlm, conv)
+    calls = []
+    step = vlm.model.language_model.fused_decode
+    vlm.model.language_model.fused_decode = lambda *a: calls.append(1) or None  # declines: the PyTorch layers run
+    plain = _answers(vlm, conv)
+    vlm.model.language_model.fused_decode = step
+    assert calls  # the PyTorch path really ran
+    assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+
+
+@needs_native
+def test_fused_step_logits_equal_the_pytorch_step(checkpoint):
+    """Mistral's sliding window, grouped key/value heads and a prompt longer than the window."""
+    vlm = llavakit.load(checkpoint("mistral"), dtype=torch.float32)
+    model, engine = vlm.model, vlm.engine
+    captured = {"fused": [], "plain": []}
+    hook_into = {"on": "fused"}
+    model.lm_head.register_forward_hook(lambda _m, _i, out: captured[hook_into["on"]].append(out.detach().clone()))
+    conv = [{"role": "user", "content": [{"type": "text", "text": "The quick brown fox jumps over the lazy dog " * 3}]}]
+    vlm.generate([conv], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    engine.clear_caches()
+    step, hook_into["on"] = model.language_model.fused_decode, "plain"
+    model.language_model.fused_decode = None
+    vlm.generate([conv], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    model.language_model.fused_decode = step
+    assert len(captured["fused"]) == len(captured["plain"]) == 10
+    for a, b in zip(captured["fused"], captured["plain"]):
+        assert float((a - b).abs().max()) <= 1e-4
+
+
+@needs_native
+def test_fused_step_follows_replaced_weights(checkpoint):
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
+    before = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    layer = vlm.model.language_model.layers[0].mlp
+    layer.down_proj = FastLinear.wrap(nn.Linear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False))
+    nn.init.zeros_(layer.down_proj.weight)  # a new module and a new tensor: the native step must see both
+    vlm.engine.clear_caches()
+    fused = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    vlm.model.language_model.fused_decode = None
+    vlm.engine.clear_caches()
+    plain = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    assert fused == plain and fused != before
+
+
+def test_no_compiler_means_the_pytorch_path(monkeypatch, tmp_path, caplog, checkpoint):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="llavakit.native"):
+        assert native.library() is None
+    assert "no C compiler found" in caplog.text
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32, quantize="int8")
+    assert vlm.model.language_model.fused_decode is None
+    out = vlm.generate([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+def test_a_failing_compiler_is_logged_and_not_fatal(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    with caplog.at_level(logging.WARNING, logger="llavakit.native"):
+        assert native.library() is None
+    assert "could not build llavakit's CPU kernels" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left for the next run
+
+
+def test_opting_out_skips_the_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("LLAVAKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("built although opted out"))
+    assert native.library() is None
