@@ -14,7 +14,9 @@ Steps, each printed in a line or two (the log of everything is <out>/gpu_check.l
      device), a batch mixing greedy and CPU-sampled rows; then "auto" (bf16) and float16 run, and
      one decode step is audited for host syncs and for work left on the CPU;
   4. compare.py --device <device> for the small preset, then for the big one (full depth if its
-     build finished in time, else --layers 8, said in the output and the table).
+     build finished in time, else --layers 8, said in the output and the table);
+  5. bench/graph_decode.py: the small preset's batch-1 decode with the step captured as a CUDA
+     graph against the same step run eagerly (tokens/s, same tokens).
 Results go to <out> as they are made: smoke.json, <preset>-...-cuda.json/.md, gpu_check.log. The
 whole run ends within --budget seconds; a benchmark stopped by its limit still writes what it measured.
 Needs torch, transformers, tokenizers, safetensors, jinja2, pillow, numpy; not pytest, fastapi or av.
@@ -284,6 +286,29 @@ def run_compare(preset: str, layers: int | None, device: str, limit: float, opts
     return code == 0
 
 
+def run_graph_decode(device: str, layers: int | None, limit: float, out: Path, cache: Path) -> dict | None:
+    """Step 5: bench/graph_decode.py in its own process, within `limit` seconds."""
+    if limit < 20:
+        say(f"no time left for the graph decode ({limit:.0f} s)")
+        return None
+    cmd = [sys.executable, str(BENCH / "graph_decode.py"), "--device", device, "--out", str(out / "graph_decode.json"),
+           "--cache", str(cache)] + (["--layers", str(layers), "--tokens", "16", "--runs", "2"] if layers else [])
+    say(f"== graph decode (at most {limit:.0f} s)")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=limit)
+    except subprocess.TimeoutExpired:
+        say("  graph decode ran out of time")
+        return None
+    with LOG.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + done.stdout + done.stderr)
+    if done.returncode != 0:
+        say(f"  graph decode exited with {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    say("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
 def main() -> int:
     global LOG
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,11 +375,13 @@ def main() -> int:
             big_layers = big_layers or 8
         else:
             say(f"{big_ckpt.name} built")
-    limit = end - time.time() - 10
+    graph_reserve = 75  # seconds kept for step 5
+    limit = end - time.time() - 10 - graph_reserve
     if limit > 60:
         summary["big_ok"] = run_compare(args.big, big_layers, args.device, limit, big_opts, args.out, args.cache, LOG)
     else:
         say(f"no time left for {args.big} ({limit:.0f} s)")
+    summary["graph_decode"] = run_graph_decode(args.device, small_layers, end - time.time() - 5, args.out, args.cache)
     (args.out / "smoke.json").write_text(json.dumps(summary, indent=2))
     smoke_ok = summary.get("smoke", {}).get("ok")
     say(f"== done: smoke {'PASS' if smoke_ok else 'FAIL' if smoke_ok is False else 'skipped'}, "

@@ -291,8 +291,10 @@ def worker(args) -> int:
 
 
 class Worker:
-    def __init__(self, argv: list[str]):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """A worker process answering one JSON line per command."""
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = json.loads(self._line())
 
     def _line(self) -> str:
@@ -345,15 +347,14 @@ def machine_info(threads: int) -> dict:
         times.append(time.perf_counter() - t)
     bandwidth = a.numel() * 4 / statistics.median(times) / 1e9
     del a
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("llama_cpp", "gguf", "numpy"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - absent or without a version
-            versions[pkg] = None
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions["llavakit"] = version("llavakit")
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("llama-cpp-python", "gguf", "numpy", "llavakit"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
     return {"cpu": cpu.get("model name", platform.processor()), "flags": [f for f in interesting if f in flags],
             "cores": os.cpu_count(), "threads": threads, "read_bandwidth_gbs": bandwidth,
             "versions": versions}

@@ -27,9 +27,14 @@ from .layers import widens
 NATIVE_MAX_ROWS = 8  # above this, the kernel's per-row cost passes a matmul's
 
 
+WIDEN_MIN_ROWS = 4  # below this, widening the weight costs more than the slow bfloat16 product
+
+
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, computed through float32 for bfloat16 inputs on CPUs without native bfloat16."""
-    if widens(x):
+    """`F.linear`, computed through float32 for bfloat16 inputs of several rows on CPUs without native
+    bfloat16 (one or two rows, a decode step without the native kernels, stay in bfloat16: converting
+    the whole weight would cost more than the product)."""
+    if widens(x) and x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]:
         y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return y.to(torch.bfloat16)
     return F.linear(x, weight, bias)

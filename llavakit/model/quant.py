@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import widens
-from .linear import bias32_ptr, dense, dtype_code, kernel_for, native_out
+from .linear import WIDEN_MIN_ROWS, bias32_ptr, dense, dtype_code, kernel_for, native_out
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -186,7 +186,8 @@ class QuantLinear(nn.Module):
         if lib is None:
             x = x.to(self.compute_dtype)
             # Where dense() computes bfloat16 through float32, dequantise straight to float32.
-            return dense(x, self.dequantized(torch.float32 if widens(x) else None), self.bias)
+            wide = widens(x) and x.numel() >= WIDEN_MIN_ROWS * self.in_features
+            return dense(x, self.dequantized(torch.float32 if wide else None), self.bias)
         rows, y, m = native_out(x, self.out_features)
         kernel = lib.lk_linear_int8 if self.bits == 8 else lib.lk_linear_int4
         kernel(rows.data_ptr(), dtype_code(x.dtype), self.qweight.data_ptr(), self.scales.data_ptr(), self.group_size,
@@ -214,45 +215,44 @@ def quantized_names(model: nn.Module) -> list[str]:
     return names + ["lm_head"]
 
 
-def replace_with_quantized(model: nn.Module, method: str, dtype: torch.dtype,
-                           group_size: int = GROUP_SIZE) -> list[str]:
-    """Swap the layers `quantized_names` lists for empty QuantLinears computing in `dtype`, on the
-    same device; returns the names.
+def _swap_linears(model: nn.Module, group_size: int, make) -> list[str]:
+    """Replace each layer `quantized_names` lists by make(linear); returns the names.
 
-    For a model built on the meta device: the caller fills qweight/scales/bias (see weights.py).
-    Raises ConfigError when a layer's input width is not a multiple of the group size.
+    Raises ConfigError, before anything is swapped, when a layer's input width is not a multiple
+    of the group size.
     """
     names = quantized_names(model)
     for name in names:
+        width = model.get_submodule(name).in_features
+        if width % group_size:
+            raise ConfigError(f"{name} has {width} inputs, not a multiple of the quantisation group size "
+                              f"{group_size}; load this checkpoint without quantize.")
+    for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        if linear.in_features % group_size:
-            raise ConfigError(f"{name} has {linear.in_features} inputs, not a multiple of the quantisation group "
-                              f"size {group_size}; load this checkpoint without quantize.")
-        setattr(parent, attr, QuantLinear(linear.in_features, linear.out_features, BITS[method],
-                                          linear.bias is not None, dtype, group_size,
-                                          device=linear.weight.device))
+        setattr(parent, attr, make(getattr(parent, attr)))
     return names
 
 
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Quantise `model`'s decoder linear layers and output head in place; returns `model`.
+def replace_with_quantized(model: nn.Module, method: str, dtype: torch.dtype,
+                           group_size: int = GROUP_SIZE) -> list[str]:
+    """Swap the layers `quantized_names` lists for empty QuantLinears computing in `dtype`, on the
+    same device; returns the names. For a model built on the meta device: the caller fills
+    qweight/scales/bias (see weights.py)."""
+    return _swap_linears(model, group_size, lambda linear: QuantLinear(
+        linear.in_features, linear.out_features, BITS[method], linear.bias is not None, dtype, group_size,
+        device=linear.weight.device))
 
-    method: "none" (a no-op), "int8" or "int4". For an already-loaded model; `load(quantize=...)`
-    quantises tensor by tensor while reading instead. Raises ConfigError on an unknown method.
+
+def quantize_model(model: nn.Module, method: str) -> nn.Module:
+    """Quantise an already-loaded `model`'s decoder linear layers and output head in place; returns `model`.
+
+    method: "none" (a no-op), "int8" or "int4". `load(quantize=...)` quantises tensor by tensor while
+    reading instead. Raises ConfigError on an unknown method or a width the groups do not divide.
     """
     check_method(method)
-    if method == "none":
-        return model
-    for name in quantized_names(model):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        if linear.in_features % GROUP_SIZE:
-            raise ConfigError(f"{name} has {linear.in_features} inputs, not a multiple of the quantisation group "
-                              f"size {GROUP_SIZE}; load this checkpoint without quantize.")
-        setattr(parent, attr, QuantLinear.from_linear(linear, BITS[method]))
+    if method != "none":
+        _swap_linears(model, GROUP_SIZE, lambda linear: QuantLinear.from_linear(linear, BITS[method]))
     return model
 
 

@@ -38,6 +38,10 @@ class PagedStep:
     # The caller's word that there is one row, every read slot is valid and the queries are the last T
     # positions: mask() then decides without reading device tensors (each read is a GPU sync).
     plain_causal: bool = False
+    # The caller's word that some read slots may be padding (a fixed-size cache whose tail is unused):
+    # mask() then builds the mask without reading device tensors, so the step can be captured as a
+    # CUDA graph.
+    padded: bool = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values (B, Hkv, T, hd) into the pool; return each row's keys/values (B, Hkv, S, hd)."""
@@ -55,7 +59,7 @@ class PagedStep:
         """
         b, t = self.query_pos.shape
         s = self.read_slots.shape[1]
-        if window is None and (t == 1 or s == t) and b == 1:
+        if window is None and (t == 1 or s == t) and b == 1 and not self.padded:
             if self.plain_causal or (bool(self.read_valid.all()) and int(self.query_pos[0, 0]) == s - t):
                 return None
         key_pos = torch.arange(self.read_slots.shape[1], device=self.read_slots.device)[None, None, :]  # (1, 1, S)

@@ -15,11 +15,10 @@
  *   x      (M, K)        activations, float32 (xdt 0) or bfloat16 (xdt 1)
  *   y      (M, N)        output, float32 (ydt 0) or bfloat16 (ydt 1)
  *   bias   (N,) float32  or NULL
- *   bf16   w (N, K) uint16                                     K % 16 == 0
- *   int8   w (N, K) int8,  scales (N, K / G) float16           K % G == 0, G % 32 == 0
- *   int4   w (N, K / 2) uint8: in each block of 32 values, byte j holds value j in its low
- *          nibble and value j + 16 in its high nibble, stored as q + 8 (q in [-8, 7]);
- *          scales (N, K / G) float16                           K % G == 0, G % 32 == 0
+ *   bf16   w (N, K) uint16, rows in order                      K % 16 == 0
+ *   int8   w in tiles of 8 rows (see qtile8), scales (ceil(N / 8), K / G, 8) float16
+ *   int4   the same tiles, two values a byte, each stored as q + 8 (q in [-8, 7])
+ *                                                              K % G == 0, G % 32 == 0
  * Every function returns 0, or -1 when it cannot allocate its scratch memory.
  */
 #include <stdint.h>
@@ -413,7 +412,7 @@ typedef struct {
     int window;                       /* sliding window, 0 for none */
 } lk_layer;
 
-#ifdef LK_PROFILE
+#ifdef LK_PROFILE /* a build with -DLK_PROFILE times the step's phases; lk_prof_print() writes them to stderr */
 #include <stdio.h>
 #include <time.h>
 static double prof[8];

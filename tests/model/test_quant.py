@@ -149,3 +149,15 @@ def test_foreign_quantisation_formats_are_refused(checkpoint, tmp_path):
 def test_unknown_quantization_is_refused(checkpoint):
     with pytest.raises(ConfigError, match="unknown quantization 'int3'; choose one of none, int8, int4"):
         llavakit.load(checkpoint("onevision"), quantize="int3")
+
+
+def test_quantising_a_loaded_model_equals_quantising_while_loading(checkpoint):
+    from llavakit.model.quant import quantize_model
+
+    path = checkpoint("qwen2_tied")
+    loaded = llavakit.load(path, dtype=torch.float32, quantize="int4")
+    later = llavakit.load(path, dtype=torch.float32)
+    quantize_model(later.model, "int4")
+    assert torch.equal(later.model.lm_head.qweight, loaded.model.lm_head.qweight)  # the tied head, quantised once more
+    batch = loaded.prepare([[{"role": "user", "content": "Hello there."}]])
+    assert torch.equal(later.forward(batch), loaded.forward(batch))
