@@ -40,11 +40,11 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return F.linear(x, weight, bias)
 
 
-def kernel_for(x: torch.Tensor, in_features: int, multiple: int):
-    """The native library when it can take `x` ((..., in_features) float32/bfloat16, few rows, CPU,
-    inference, in_features a multiple of `multiple`), else None."""
+def kernel_for(x: torch.Tensor, in_features: int, multiple: int, max_rows: int = NATIVE_MAX_ROWS):
+    """The native library when it can take `x` ((..., in_features) float32/bfloat16, at most
+    `max_rows` rows, CPU, inference, in_features a multiple of `multiple`), else None."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
-            or in_features % multiple or x.numel() > NATIVE_MAX_ROWS * in_features):
+            or in_features % multiple or x.numel() > max_rows * in_features):
         return None
     return native.library()
 

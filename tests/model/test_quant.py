@@ -15,9 +15,8 @@ import llavakit
 from llavakit import native
 from llavakit.engine.sampling import SamplingParams
 from llavakit.errors import ConfigError
-from llavakit.model.linear import NATIVE_MAX_ROWS
-from llavakit.model.quant import (QuantLinear, dequantize_tiles, dequantize_weight, quantize_tiles,
-                                  quantize_weight)
+from llavakit.model.quant import (NATIVE_MAX_ROWS, QuantLinear, dequantize_tiles, dequantize_weight,
+                                  quantize_tiles, quantize_weight)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -60,7 +59,7 @@ def test_kernel_and_dequantised_matmul_agree(bits, dtype):
     x = torch.randn(3, NATIVE_MAX_ROWS + 5, 128, dtype=dtype)
     with torch.inference_mode():
         few = q(x[:1, :3])  # 3 rows: the native kernel (int8 activations in blocks of 32)
-        many = q(x)  # 39 rows: dequantise, then matmul
+        many = q(x)  # 399 rows: dequantise, then matmul
     assert few.shape == (1, 3, 75) and few.dtype == dtype and many.shape == (3, NATIVE_MAX_ROWS + 5, 75)
     want = x.float() @ exact.T + linear.bias.float()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -161,3 +160,14 @@ def test_quantising_a_loaded_model_equals_quantising_while_loading(checkpoint):
     assert torch.equal(later.model.lm_head.qweight, loaded.model.lm_head.qweight)  # the tied head, quantised once more
     batch = loaded.prepare([[{"role": "user", "content": "Hello there."}]])
     assert torch.equal(later.forward(batch), loaded.forward(batch))
+
+
+def test_a_full_quantised_batch_decodes_each_row_as_alone(checkpoint):
+    """Twelve requests decode together (more rows than the bfloat16 kernels take): each row's tokens
+    are those it gets alone, since activations are quantised row by row."""
+    q = llavakit.load(checkpoint("qwen2_tied"), dtype=torch.bfloat16, quantize="int4")
+    convs = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(12)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    together = [o.token_ids for o in q.generate(convs, params)]
+    alone = [q.generate([c], params)[0].token_ids for c in convs]
+    assert together == alone
