@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from compare import _sync  # noqa: E402  (bench/compare.py: wait for queued GPU work)
 
 
 class StaticDecoder:
@@ -68,11 +71,6 @@ class StaticDecoder:
         self.next.copy_(logits[0, -1].float().argmax(-1, keepdim=True))
         self.token.copy_(self.next[None])
         self.pos.add_(1)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(vlm, prompt: list[int], tokens: int, runs: int, device: str) -> dict:

@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from compare import _rss_mb  # noqa: E402  (bench/compare.py: VmRSS/VmHWM of this process in MB)
 PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 AGREE_TOKENS = 16
 
@@ -270,13 +273,13 @@ def worker(args) -> int:
     if args.worker.startswith("cosine-"):
         result = decode_logits_cosine(Path(args.ckpt), args.worker.removeprefix("cosine-"),
                                       json.loads(args.prompt), AGREE_TOKENS, args.threads)
-        print(json.dumps({"ready": True, "rss_mb": _rss_mb(), "cosine": result}), flush=True)
+        print(json.dumps({"ready": True, "rss_mb": _rss_mb("VmRSS"), "cosine": result}), flush=True)
         return 0
     if args.worker == "llama.cpp":
         engine = LlamaCppEngine(Path(args.gguf), args.threads, args.prefill_tokens + 64)
     else:
         engine = LlavakitEngine.load(Path(args.ckpt), args.worker, args.threads)
-    print(json.dumps({"ready": True, "rss_mb": _rss_mb()}), flush=True)
+    print(json.dumps({"ready": True, "rss_mb": _rss_mb("VmRSS")}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
@@ -314,13 +317,6 @@ class Worker:
 
 
 # ───────────────────────────── the run ─────────────────────────────
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def machine_info(threads: int) -> dict:
     """CPU model and flags, thread count, read bandwidth (1 GiB sum, median of 5) and versions."""

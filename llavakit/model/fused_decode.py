@@ -112,8 +112,7 @@ class FusedDecoder:
         if (embeds.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
                 or embeds.shape[1] != 1 or cfg.hidden_act != "silu" or cfg.head_dim > 512):
             return None
-        pool_dtype = cache.keys[0].dtype
-        if pool_dtype not in (torch.float32, torch.bfloat16) or (pool_dtype != dtype):
+        if cache.keys[0].dtype != dtype:
             return None
         lib = native.library()
         if lib is None:

@@ -25,16 +25,19 @@ from .. import native
 from .layers import widens
 
 NATIVE_MAX_ROWS = 8  # above this, the kernel's per-row cost passes a matmul's
-
-
 WIDEN_MIN_ROWS = 4  # below this, widening the weight costs more than the slow bfloat16 product
 
 
+def widens_product(x: torch.Tensor) -> bool:
+    """Whether `dense` computes its product with `x` through float32: `widens(x)`, and at least
+    WIDEN_MIN_ROWS rows (one or two rows, a decode step without the native kernels, stay in
+    bfloat16: converting the whole weight would cost more than the product)."""
+    return widens(x) and x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]
+
+
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, computed through float32 for bfloat16 inputs of several rows on CPUs without native
-    bfloat16 (one or two rows, a decode step without the native kernels, stay in bfloat16: converting
-    the whole weight would cost more than the product)."""
-    if widens(x) and x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]:
+    """`F.linear`, computed through float32 where `widens_product(x)` says so."""
+    if widens_product(x):
         y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         return y.to(torch.bfloat16)
     return F.linear(x, weight, bias)

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import widens
-from .linear import WIDEN_MIN_ROWS, bias32_ptr, dense, dtype_code, kernel_for, native_out
+from .linear import bias32_ptr, dense, dtype_code, kernel_for, native_out, widens_product
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -190,8 +189,7 @@ class QuantLinear(nn.Module):
         if lib is None:
             x = x.to(self.compute_dtype)
             # Where dense() computes bfloat16 through float32, dequantise straight to float32.
-            wide = widens(x) and x.numel() >= WIDEN_MIN_ROWS * self.in_features
-            return dense(x, self.dequantized(torch.float32 if wide else None), self.bias)
+            return dense(x, self.dequantized(torch.float32 if widens_product(x) else None), self.bias)
         rows, y, m = native_out(x, self.out_features)
         kernel = lib.lk_linear_int8 if self.bits == 8 else lib.lk_linear_int4
         kernel(rows.data_ptr(), dtype_code(x.dtype), self.qweight.data_ptr(), self.scales.data_ptr(), self.group_size,

@@ -43,7 +43,6 @@ _SIGNATURES = {
     "lk_linear_int4": (_VP, _INT, _VP, _VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT),
     "lk_decode_layers": (_VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _VP, _VP, _VP, _VP,
                          _VP, _INT, _INT, _INT),
-    "lk_isa": (),
 }
 
 

@@ -331,14 +331,6 @@ int lk_linear_int4(const void *x, int xdt, const uint8_t *w, const uint16_t *sca
     return linear_q(4, x, xdt, w, scales, G, bias, y, ydt, M, N, K);
 }
 
-/* Which instruction set the library was built for: 2 = AVX2+FMA, 0 = portable C. */
-int lk_isa(void) {
-#ifdef __AVX2__
-    return 2;
-#else
-    return 0;
-#endif
-}
 
 /* ---------------------------------------------------------------- float32 weights */
 
