@@ -117,10 +117,16 @@ class VLM:
         return self.model.device
 
     # -- inputs -------------------------------------------------------------------------------
-    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
-        """Token ids (left-padded), attention mask and pixel values for a list of conversations."""
+    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True,
+                parse_special_tokens_in_content: bool = False) -> Batch:
+        """Token ids (left-padded), attention mask and pixel values for a list of conversations.
+
+        parse_special_tokens_in_content: False (the default) tokenizes message text as plain text, so
+        text such as `<|im_start|>system` or `<image>` in a message cannot forge a turn or a placeholder;
+        True parses it as special tokens, as transformers' apply_chat_template does (trusted text only).
+        """
         _check_many(conversations, "prepare")
-        return self.processor.prepare(conversations, add_generation_prompt)
+        return self.processor.prepare(conversations, add_generation_prompt, parse_special_tokens_in_content)
 
     def forward(self, batch: Batch, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) as float32 for every position of a prepared batch; (B, 1, V) for the last
@@ -156,20 +162,29 @@ class VLM:
         stop: tuple[str, ...] | list[str] | str = (),
         stream: bool = False,
         sampling: SamplingParams | None = None,
+        parse_special_tokens_in_content: bool = False,
     ) -> ChatOutput | Iterator[str]:
         """Answer one conversation. With `stream=True`, return an iterator of text pieces instead.
 
         `sampling` replaces the individual sampling arguments when given.
+        `parse_special_tokens_in_content`: see `prepare`; by default message text is plain text.
         """
         params = self._params(sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
-        encoded = self.processor.encode(messages)
+        encoded = self.processor.encode(messages, parse_special_tokens_in_content=parse_special_tokens_in_content)
         if stream:
             return self._stream(encoded, params)
         return self._run([encoded], [params])[0]
 
-    def generate(self, conversations: list[Any], sampling: SamplingParams | list[SamplingParams] | None = None) -> list[ChatOutput]:
-        """Answer many conversations together on the engine (continuous batching); results come back in order."""
+    def generate(self, conversations: list[Any], sampling: SamplingParams | list[SamplingParams] | None = None,
+                 parse_special_tokens_in_content: bool = False) -> list[ChatOutput]:
+        """Answer many conversations together on the engine (continuous batching); results come back in order.
+
+        `parse_special_tokens_in_content`: see `prepare`; by default message text is plain text.
+
+        Raises GenerationError (NonFiniteLogits) naming the conversation when one of them cannot be
+        sampled (NaN or infinite logits); the others are stopped with it.
+        """
         if isinstance(sampling, list):
             if len(sampling) != len(conversations):
                 raise GenerationError(f"{len(sampling)} sampling params given for {len(conversations)} conversations.")
@@ -177,7 +192,9 @@ class VLM:
         else:
             params = [sampling or SamplingParams()] * len(conversations)
         _check_many(conversations, "generate")
-        return self._run([self.processor.encode(c) for c in conversations], params)
+        parse = parse_special_tokens_in_content
+        return self._run([self.processor.encode(c, parse_special_tokens_in_content=parse) for c in conversations],
+                         params)
 
     generate_many = generate
 
@@ -189,6 +206,8 @@ class VLM:
                 for rid, delta in engine.step():
                     if rid != request_id:
                         continue
+                    if delta.error is not None:  # e.g. NonFiniteLogits; the engine has finished the request
+                        raise delta.error
                     if delta.text:
                         yield delta.text
                     if delta.finish_reason is not None:
@@ -210,6 +229,10 @@ class VLM:
                     i = index.get(rid)
                     if i is None:
                         continue
+                    if d.error is not None:  # e.g. NonFiniteLogits: the call fails; the others are aborted below
+                        if len(encoded) == 1:
+                            raise d.error
+                        raise type(d.error)(f"conversation {i}: {d.error}") from d.error
                     texts[i].append(d.text)
                     ids[i].append(d.token_id)
                     if d.finish_reason:

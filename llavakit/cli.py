@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -151,11 +152,16 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
         max_videos_per_request=args.max_videos_per_request, max_image_pixels=args.max_image_pixels,
         max_video_frames=args.max_video_frames, max_video_seconds=args.max_video_seconds, max_n=args.max_n,
+        max_image_aspect_ratio=args.max_image_aspect_ratio, max_video_pixels=args.max_video_pixels,
         default_max_tokens=args.default_max_tokens, max_concurrent_requests=args.max_concurrent_requests,
         media_workers=args.media_workers, shutdown_timeout_s=args.shutdown_timeout,
+        max_messages=args.max_messages, max_text_chars=args.max_text_chars, max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout, api_key=args.api_key,
+        allowed_hosts=tuple(h for entry in args.allowed_hosts for h in entry.split(",")),
         allow_remote_media=args.allow_remote_media, remote_media_domains=tuple(args.remote_media_domain),
         remote_media_timeout_s=args.remote_media_timeout, remote_media_max_bytes=args.remote_media_max_bytes,
-        allowed_local_media_path=local)
+        allow_private_media=args.allow_private_media, allowed_local_media_path=local)
     vlm = _load(args)
     return serve(vlm, config, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                  kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
@@ -360,7 +366,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-videos-per-request", type=int, default=d.max_videos_per_request)
     srv.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                      help="width x height, read from the header before decoding")
+    srv.add_argument("--max-image-aspect-ratio", type=float, default=d.max_image_aspect_ratio,
+                     help="longer side / shorter side of an image or video frame, from the header")
     srv.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
+    srv.add_argument("--max-video-pixels", type=int, default=d.max_video_pixels,
+                     help="sampled frames x frame pixels of one video, from the header before decoding")
     srv.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
     srv.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
     srv.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
@@ -369,7 +379,31 @@ def _parser() -> argparse.ArgumentParser:
                      help="threads decoding media and tokenizing")
     srv.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
                      help="seconds in-flight requests get after SIGTERM")
+    srv.add_argument("--max-messages", type=int, default=d.max_messages,
+                     help="messages per request, counted before anything is validated")
+    srv.add_argument("--max-text-chars", type=int, default=d.max_text_chars,
+                     help="characters of text per request, checked before tokenizing (default: 8 per token "
+                          "of the model's context)")
+    srv.add_argument("--max-connections", type=int, default=d.max_connections,
+                     help="open connections; more are answered 503 and closed")
+    srv.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                     help="seconds a connection has to send a request's headers (slow clients are closed)")
+    srv.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                     help="seconds a request has to send its body (408 beyond)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s,
+                     help="seconds an idle kept-alive connection stays open")
+    srv.add_argument("--api-key", default=os.environ.get("LLAVAKIT_API_KEY") or None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAVAKIT_API_KEY; "
+                          "/health, /metrics and the page stay open)")
+    srv.add_argument("--allowed-hosts", action="append", default=[],
+                     help="Host header names accepted besides the loopback ones (comma-separated or repeated; "
+                          "a leading dot admits subdomains, '*' any host). Checked when listening on loopback, "
+                          "or whenever given")
     srv.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
+    srv.add_argument("--allow-private-media", action="store_true",
+                     help="let --allow-remote-media fetch from private and loopback addresses too (10.0.0.0/8, "
+                          "127.0.0.1, fc00::/7, ...); for tests and trusted networks only, as it lets clients "
+                          "reach internal hosts; link-local and reserved addresses stay refused")
     srv.add_argument("--remote-media-domain", action="append", default=[],
                      help="only fetch from this domain and its subdomains (repeatable)")
     srv.add_argument("--remote-media-timeout", type=float, default=d.remote_media_timeout_s)

@@ -86,12 +86,18 @@ def test_token_feature_match_is_fine(vlm):
 
 @pytest.mark.parametrize("images", [0, 1])
 def test_literal_image_placeholder_in_text(vlm, images):
+    """Typed `<image>` is plain text by default; parsed as the placeholder (opt-in) it must pair with an image."""
     parts = [{"type": "image", "image": IMG}] * images + [{"type": "text", "text": "look <image> here"}]
+    typed = vlm.prepare([_user(*parts)]).input_ids
+    without = vlm.prepare([_user(*parts[:images], {"type": "text", "text": "look here"})]).input_ids
+    image_id = vlm.config.image_token_id
+    assert int((typed == image_id).sum()) == int((without == image_id).sum())  # only real images' tokens
+    assert typed.shape[1] > without.shape[1]  # "<image>" is there, as text
     with pytest.raises(PromptError) as info:
-        vlm.prepare([_user(*parts)])
+        vlm.prepare([_user(*parts)], parse_special_tokens_in_content=True)
     assert "<image>" in str(info.value)
     with pytest.raises(PromptError):
-        vlm.chat(_user(*parts), max_new_tokens=2)
+        vlm.chat(_user(*parts), max_new_tokens=2, parse_special_tokens_in_content=True)
 
 
 # ───────────────────────────── weights ─────────────────────────────

@@ -119,6 +119,11 @@ def run_items(vlm, engine: Engine, items: Iterable[Item], job: JobConfig, in_fli
                 run = running.get(rid)
                 if run is None:
                     continue
+                if delta.error is not None:  # this request's logits turned non-finite; the others go on
+                    del running[rid]
+                    yield record(run.item.id, prompt_tokens=run.prompt_tokens, completion_tokens=run.tokens,
+                                 seconds=time.perf_counter() - run.started, error=_describe(delta.error))
+                    continue
                 run.texts.append(delta.text)
                 run.tokens += 1
                 if delta.finish_reason is not None:

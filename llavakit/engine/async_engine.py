@@ -98,12 +98,21 @@ class AsyncEngine:
         """Render, load media and tokenize one conversation (CPU work: call it off the event loop)."""
         return self.vlm.processor.encode(messages)
 
-    def submit(self, request_id: str, encoded: Encoded, params: SamplingParams) -> AsyncIterator[StreamDelta]:
+    def media(self, encoded: Encoded) -> list:
+        """The hashed media of an encoded request, for `submit` (CPU work: call it off the event loop)."""
+        from .core import media_of
+
+        return media_of(self.vlm.model, encoded)
+
+    def submit(self, request_id: str, encoded: Encoded, params: SamplingParams,
+               media: list | None = None) -> AsyncIterator[StreamDelta]:
         """Queue a request now and return the stream of its deltas (iterate it to the end, or close it).
 
-        Call from a coroutine. Refusals are raised here, before any stream exists: EngineOverloaded
+        Call from a coroutine, with `media` from `self.media(encoded)` computed in a worker thread
+        (without it the pixels are hashed here, on the caller's thread). Refusals are raised here, before any stream exists: EngineOverloaded
         when the queue is full or the engine is stopping, GenerationError when the request can
-        never fit the context or the KV budget.
+        never fit the context or the KV budget. A request that fails while running (NonFiniteLogits:
+        its logits were NaN or infinite) raises from its stream; other requests are not affected.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -112,7 +121,7 @@ class AsyncEngine:
                 raise EngineOverloaded("the server is shutting down")
             if self.engine.num_waiting() >= self.config.max_queue:
                 raise EngineOverloaded(f"{self.config.max_queue} requests are already waiting")
-            self.engine.add_request(request_id, encoded, params)
+            self.engine.add_request(request_id, encoded, params, media)
             self._queues[request_id] = (loop, queue)
         self._wake.set()
         return _Stream(self, request_id, queue)
@@ -174,4 +183,7 @@ class AsyncEngine:
                         target = self._queues.get(request_id)
                         if target is not None:
                             loop, queue = target
-                            loop.call_soon_threadsafe(queue.put_nowait, delta)
+                            # A failed request (e.g. NonFiniteLogits) ends its own stream with the error;
+                            # the engine has finished it and serves the others on.
+                            item = delta if delta.error is None else delta.error
+                            loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -16,12 +16,22 @@ byte budget. A request that could never fit is refused with a clear error; one t
 now waits. Full prompt blocks are registered under a hash of everything before and in them
 (token ids, and for image and video positions the content hash of the media), so a later prompt
 that starts the same way (the same image, a longer conversation) skips those tokens.
+
+The prefix hash is SHA-256, chained block to block over an unambiguous byte encoding, so two
+prompts cannot be made to share a key (Python's `hash()` of tuples can be collided on purpose:
+vLLM's CVE-2025-25183). And a hit is verified, not trusted: the pool keeps each block's token keys
+and the block it followed, and a lookup whose keys or predecessor differ is a miss. So even a
+broken hash could only cost reuse, never serve another prompt's keys and values.
+
+A row whose logits cannot be sampled (NaN or infinite) fails its own request only: its Delta
+carries the error, the request is finished and its blocks freed, and the others go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -41,16 +51,42 @@ from .sampling import SamplingParams
 
 BLOCK = 16  # tokens per KV block
 PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, so long prompts do not stall decoding for long
+ROOT_DIGEST = bytes(32)  # the "parent" of a prompt's first block
+
+
+def block_digest(parent: bytes, keys: tuple) -> bytes:
+    """SHA-256 prefix key of one full block: its parent's digest, then each position's token key.
+
+    keys: per position a token id (int) or, at a media placeholder, (media content hash, index).
+    Every field is tagged and fixed-width or length-prefixed, so no two key sequences share bytes.
+    """
+    h = hashlib.sha256(parent)
+    for k in keys:
+        if isinstance(k, tuple):
+            media, index = k
+            name = media.encode()
+            h.update(b"m" + struct.pack("<I", len(name)) + name + struct.pack("<q", index))
+        else:
+            h.update(b"t" + struct.pack("<q", k))  # an int or NumPy integer; struct refuses anything else
+    return h.digest()
 
 
 class BlockPool:
-    """Free list, reference counts and the prefix cache's hash -> block map (LRU among unused blocks)."""
+    """Free list, reference counts and the verified prefix cache: digest -> block (LRU among unused blocks).
+
+    A registered block also records what it claims to hold: its token keys and the block before it
+    (id and that block's generation, which changes whenever the block is handed out again). A
+    lookup must match both, so a hit holds exactly the requester's tokens after exactly its prefix.
+    """
 
     def __init__(self, num_blocks: int):
         self.free: deque[int] = deque(range(num_blocks))
         self.refs = [0] * num_blocks
-        self.by_hash: dict[int, int] = {}
-        self.hash_of: dict[int, int] = {}
+        self.generation = [0] * num_blocks  # bumped on every allocation: a stale "parent" link stops matching
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        # block -> (its token keys, (parent block, parent's generation) or None for a first block)
+        self.claim: dict[int, tuple[tuple, tuple[int, int] | None]] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no request uses, oldest first
         self.num_blocks = num_blocks
 
@@ -58,6 +94,7 @@ class BlockPool:
         """Add n fresh blocks (their ids follow the existing ones, so tables stay valid)."""
         self.free.extend(range(self.num_blocks, self.num_blocks + n))
         self.refs.extend([0] * n)
+        self.generation.extend([0] * n)
         self.num_blocks += n
 
     def available(self) -> int:
@@ -74,25 +111,37 @@ class BlockPool:
                 b = self.free.popleft()
             else:
                 b, _ = self.evictable.popitem(last=False)
-                del self.by_hash[self.hash_of.pop(b)]
+                self.unpublish(b)
             self.refs[b] = 1
+            self.generation[b] += 1
             out.append(b)
         return out
 
-    def lookup(self, h: int) -> int | None:
-        """The cached block holding hash `h`, now referenced by the caller; None on a miss."""
+    def _parent(self, parent: int | None) -> tuple[int, int] | None:
+        return None if parent is None else (parent, self.generation[parent])
+
+    def lookup(self, h: bytes, keys: tuple, parent: int | None) -> int | None:
+        """The cached block under digest `h` holding `keys` right after block `parent` (None: the prompt's
+        first block), now referenced by the caller; None on a miss, including a digest collision."""
         b = self.by_hash.get(h)
-        if b is None:
+        if b is None or self.claim[b] != (keys, self._parent(parent)):
             return None
         self.evictable.pop(b, None)
         self.refs[b] += 1
         return b
 
-    def register(self, b: int, h: int) -> None:
-        """Publish a full block under its prefix hash (the first block with a hash keeps it)."""
+    def register(self, b: int, h: bytes, keys: tuple, parent: int | None) -> None:
+        """Publish a full block under its prefix digest, with the keys it holds and the block before it
+        (which the caller holds, so its generation is current). The first block with a digest keeps it."""
         if h not in self.by_hash and b not in self.hash_of:
             self.by_hash[h] = b
             self.hash_of[b] = h
+            self.claim[b] = (keys, self._parent(parent))
+
+    def unpublish(self, b: int) -> None:
+        """Make block b unfindable (it keeps its references; an unused one is not freed here)."""
+        del self.by_hash[self.hash_of.pop(b)]
+        del self.claim[b]
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each block; unreferenced cached blocks stay findable until evicted."""
@@ -159,12 +208,17 @@ class _Seq:
     length: int = 0  # tokens whose keys/values are in the pool
     registered: int = 0  # full blocks published to the prefix cache
     embeds: torch.Tensor | None = None  # (1, prompt, D) while the prompt is being prefilled in chunks
-    last_hash: int = 0
+    last_hash: bytes = ROOT_DIGEST  # digest of the last registered (or reused) block
     aborted: bool = False
-    prompt_hashes: list[int] = field(default_factory=list)  # chained hash of each full prompt block but the last
+    prompt_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full prompt block but the last
 
 
-def _media_of(model: LlavaModel, enc: Encoded) -> list[_Media]:
+def media_of(model: LlavaModel, enc: Encoded) -> list[_Media]:
+    """The images and videos of an encoded request, each with its content hash.
+
+    Hashing reads every preprocessed pixel (tens of megabytes for a tiled image): a server calls
+    this in a worker thread and hands the result to `add_request`, so the event loop never hashes.
+    """
     cfg = model.cfg
     out, start = [], 0
     pixels = None if enc.pixel_values is None else torch.from_numpy(enc.pixel_values)
@@ -186,9 +240,13 @@ def _media_of(model: LlavaModel, enc: Encoded) -> list[_Media]:
 
 
 def _content_key(kind: str, pixels: torch.Tensor, size, tiled: bool) -> str:
-    """Hash of exactly what the tower will see: the preprocessed pixels and how they are laid out."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{kind}|{size}|{tiled}|{tuple(pixels.shape)}".encode())
+    """SHA-256 of exactly what the tower will see: the preprocessed pixels and how they are laid out.
+
+    A full-width cryptographic hash: it keys both the feature cache and the prefix cache, so two
+    different images must never be made to share it.
+    """
+    h = hashlib.sha256()
+    h.update(f"{kind}|{size}|{tiled}|{tuple(pixels.shape)}|{pixels.dtype}|".encode())
     h.update(pixels.contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -237,11 +295,15 @@ class Engine:
         self.running: list[_Seq] = []
         self.by_id: dict[str, _Seq] = {}
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, prefix_cache_hit_tokens=0,
-                             requests_finished=0, requests_aborted=0, vision_seconds_total=0.0)
+                             requests_finished=0, requests_aborted=0, requests_failed=0, vision_seconds_total=0.0)
 
     # -- requests ---------------------------------------------------------------------------------
-    def add_request(self, request_id: str, encoded: Encoded, params: SamplingParams) -> None:
-        """Queue a request. Raises GenerationError when it can never fit the context or the KV pool."""
+    def add_request(self, request_id: str, encoded: Encoded, params: SamplingParams,
+                    media: list[_Media] | None = None) -> None:
+        """Queue a request. Raises GenerationError when it can never fit the context or the KV pool.
+
+        media: `media_of(model, encoded)`, when the caller computed it already (off its event loop).
+        """
         if request_id in self.by_id:
             raise GenerationError(f"request id {request_id!r} is already in use.")
         prompt = list(encoded.input_ids)
@@ -259,7 +321,8 @@ class Engine:
                 f"the request needs {need * BLOCK} tokens of KV cache but the engine holds "
                 f"{self.max_blocks * BLOCK}; lower max_new_tokens or give the engine a larger kv_cache_bytes."
             )
-        media = _media_of(self.model, encoded)
+        if media is None:
+            media = media_of(self.model, encoded)
         cfg = self.model.cfg
         seq = _Seq(request_id, prompt, media, RequestState.start(params, self.tokenizer, prompt),
                    _token_keys(prompt, media, cfg.image_token_id, cfg.video_token_id))
@@ -282,11 +345,11 @@ class Engine:
         """Forget cached image features and prefixes (the next request starts cold)."""
         self.features = FeatureCache(self.config.image_cache_bytes)
         for b in list(self.pool.evictable):
-            del self.pool.by_hash[self.pool.hash_of.pop(b)]
+            self.pool.unpublish(b)
             self.pool.evictable.pop(b)
             self.pool.free.append(b)
         for b in list(self.pool.hash_of):  # blocks in use stay, but are no longer findable
-            del self.pool.by_hash[self.pool.hash_of.pop(b)]
+            self.pool.unpublish(b)
 
     def _grow(self, blocks_needed: int) -> bool:
         """Enlarge the pool (at least doubling) so `blocks_needed` more blocks fit; False at the budget."""
@@ -320,7 +383,8 @@ class Engine:
         """Advance every running request by one token and start waiting ones; return their deltas.
 
         With a lock, scheduling and bookkeeping happen under it and the model runs outside it, so
-        callers can add and abort requests meanwhile.
+        callers can add and abort requests meanwhile. A request whose logits cannot be sampled gets
+        one last Delta with `error` set (finish_reason "error") and is finished; the others go on.
         """
         guard = lock if lock is not None else nullcontext()
         with guard:
@@ -339,8 +403,11 @@ class Engine:
             for seq, delta in outputs:
                 if seq.aborted:
                     continue
-                self.counters["generation_tokens_total"] += 1
                 result.append((seq.request_id, delta))
+                if delta.error is not None:
+                    self.counters["requests_failed"] += 1
+                else:
+                    self.counters["generation_tokens_total"] += 1
                 if delta.finish_reason is not None:
                     self._finish(seq)
             self._reap()
@@ -363,13 +430,13 @@ class Engine:
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if not seq.prompt_hashes:
-                h = 0
+                h = ROOT_DIGEST
                 for i in range((len(seq.prompt) - 1) // BLOCK):  # the last prompt token always runs: it gives the logits
-                    h = hash((h, tuple(seq.token_keys[i * BLOCK : (i + 1) * BLOCK])))
+                    h = block_digest(h, self._block_keys(seq, i))
                     seq.prompt_hashes.append(h)
             hits = []
-            for h in seq.prompt_hashes:
-                b = self.pool.lookup(h)
+            for i, h in enumerate(seq.prompt_hashes):
+                b = self.pool.lookup(h, self._block_keys(seq, i), hits[-1] if hits else None)
                 if b is None:
                     break
                 hits.append(b)
@@ -392,29 +459,33 @@ class Engine:
             seq.length = len(hits) * BLOCK
             seq.registered = len(hits)
             if not hits:
-                seq.last_hash = 0
+                seq.last_hash = ROOT_DIGEST
             self.counters["prefix_cache_hit_tokens"] += len(hits) * BLOCK
             self.counters["prompt_tokens_total"] += len(seq.prompt)
             self.running.append(seq)
 
 
-    def _in_flight(self) -> set[int]:
+    def _in_flight(self) -> set[bytes]:
         """Prefix hashes of prompt blocks that running requests have yet to fill and publish."""
         return {h for seq in self.running if seq.length < len(seq.prompt)
                 for h in seq.prompt_hashes[seq.registered:]}
+
+    @staticmethod
+    def _block_keys(seq: _Seq, i: int) -> tuple:
+        """Token keys of the request's full block i: prompt keys, then generated ids."""
+        lo, hi, n = i * BLOCK, (i + 1) * BLOCK, len(seq.token_keys)
+        return tuple(seq.token_keys[lo:hi] if hi <= n else seq.token_keys[lo:] + seq.state.ids[max(0, lo - n) : hi - n])
 
     def _register(self, seq: _Seq) -> None:
         """Publish the request's newly filled blocks to the prefix cache (prompt keys, then generated ids)."""
         while (seq.registered + 1) * BLOCK <= seq.length:
             i = seq.registered
-            lo, hi = i * BLOCK, (i + 1) * BLOCK
-            n = len(seq.token_keys)
+            keys = self._block_keys(seq, i)
             if i < len(seq.prompt_hashes):
                 seq.last_hash = seq.prompt_hashes[i]  # computed when the request was admitted
             else:
-                keys = seq.token_keys[lo:hi] if hi <= n else seq.token_keys[lo:] + seq.state.ids[max(0, lo - n) : hi - n]
-                seq.last_hash = hash((seq.last_hash, tuple(keys)))
-            self.pool.register(seq.blocks[i], seq.last_hash)
+                seq.last_hash = block_digest(seq.last_hash, keys)
+            self.pool.register(seq.blocks[i], seq.last_hash, keys, seq.blocks[i - 1] if i else None)
             seq.registered += 1
 
     def _media_features(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:

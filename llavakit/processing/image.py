@@ -26,13 +26,9 @@ Torch-free: numpy and Pillow only.
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,10 +37,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import anyres
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, MediaError, MediaURLNotAllowed
+from ..fetch import RemoteFetcher
 
 URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 64 << 20  # images larger than this are refused, not read into memory
+URL_MAX_REDIRECTS = 10  # as many as urllib followed before
+_URL_FETCHER = RemoteFetcher(URL_TIMEOUT_S, URL_MAX_BYTES, URL_MAX_REDIRECTS)  # the guard on: public hosts only
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
@@ -92,31 +91,16 @@ def _decode(fp: str | io.BytesIO, given: Any) -> Image.Image:
 
 
 def _fetch(url: str) -> bytes:
-    """GET `url` within URL_TIMEOUT_S in all and at most URL_MAX_BYTES; failures become an ImageError.
-
-    The socket timeout alone bounds each read, not the download: a server trickling bytes could
-    hold a request forever, so the whole transfer has a deadline too.
-    """
-    request = urllib.request.Request(url, headers={"User-Agent": "llavakit"})
-    deadline = time.monotonic() + URL_TIMEOUT_S
+    """GET `url` through llavakit's one fetcher: public addresses only (no private, loopback or
+    cloud-metadata hosts, on any redirect hop), URL_TIMEOUT_S for the whole download, at most
+    URL_MAX_BYTES. Every refusal or failure becomes an ImageError (its cause keeps the precise
+    llavakit.errors.MediaError subclass)."""
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            chunks, size = [], 0
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > URL_MAX_BYTES:
-                    raise ImageError(f"Image URL {_describe(url)} is larger than {URL_MAX_BYTES >> 20} MB.")
-                if time.monotonic() > deadline:
-                    raise ImageError(f"Image URL {_describe(url)} took longer than {URL_TIMEOUT_S:.0f} s to download.")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except ImageError:
-        raise
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts are OSErrors
-        raise ImageError(
-            f"Could not fetch image URL {_describe(url)} ({type(e).__name__}: {e}). "
-            "Check the URL and the network, or download the file and pass its path."
-        ) from e
+        return _URL_FETCHER.fetch(url, "image")
+    except MediaError as e:
+        hint = ("Download the file and pass its path or bytes instead." if isinstance(e, MediaURLNotAllowed)
+                else "Check the URL and the network, or download the file and pass its path.")
+        raise ImageError(f"Could not fetch the image: {e} {hint}") from e
 
 
 def _load_str(source: str) -> Image.Image:
@@ -175,10 +159,10 @@ def load_image(source: Any) -> Image.Image:
     """Load `source` as a fully decoded RGB `PIL.Image.Image`.
 
     `source` may be a PIL image, a path (str or os.PathLike), `bytes`/`bytearray` of an encoded
-    image file, an http(s) URL (fetched with a 30 s timeout), a `data:image/...;base64,...` URL
-    or plain base64 text. Encoded inputs are EXIF-rotated and `convert("RGB")`-ed (alpha
-    dropped); PIL objects are not rotated and have transparency composited onto white (see the
-    module docstring). Raises `ImageError` on any failure.
+    image file, an http(s) URL (public hosts only, 30 s and 64 MiB at most), a
+    `data:image/...;base64,...` URL or plain base64 text. Encoded inputs are EXIF-rotated and
+    `convert("RGB")`-ed (alpha dropped); PIL objects are not rotated and have transparency
+    composited onto white (see the module docstring). Raises `ImageError` on any failure.
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)

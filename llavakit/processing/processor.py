@@ -1,6 +1,7 @@
 """Conversations → a model-ready batch: rendered prompt, expanded placeholders, token ids, pixels.
 
-    messages ─► template ─► one <image>/<video> per medium ─► each repeated by its token count ─► ids
+    messages ─► template ─► one <image>/<video> per medium ─► ids (message text as plain text)
+             ─► each placeholder id repeated by its medium's token count
     image parts ─► load (RGB as transformers) ─► preprocess or tile ─► pixel_values (N, 3, S, S)
     video parts ─► decode, sample frames ─► resize to the tower's size ─► video_pixels (F, 3, S, S)
 Token counts come from anyres.py, the same functions the model uses to lay out features.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +32,15 @@ from .image import (
 from .prompt import (
     DEFAULT_TEMPLATES,
     Conversation,
+    Placeholder,
     TextTokenizer,
     VideoPart,
     chunked_ids,
-    expand_image_tokens,
+    expand_placeholder_ids,
     load_chat_template,
     load_tokenizer,
+    message_spans,
+    render_conversation,
     render_template,
     split_conversation,
 )
@@ -177,13 +181,34 @@ class Processor:
                                self.tokenizer.special_tokens())
         return text, conv
 
-    def encode(self, messages: Any, add_generation_prompt: bool = True) -> Encoded:
-        """Render, load and preprocess the media, expand placeholders and tokenize one conversation."""
-        prompt, conv = self.render(messages, add_generation_prompt)
-        return self.encode_prompt(prompt, conv.images, conv.videos)
+    def encode(self, messages: Any, add_generation_prompt: bool = True,
+               parse_special_tokens_in_content: bool = False) -> Encoded:
+        """Render, load and preprocess the media, expand placeholders and tokenize one conversation.
 
-    def encode_prompt(self, prompt: str, image_sources: list[Any], videos: list[VideoPart] = ()) -> Encoded:
-        """Tokenize a rendered prompt holding one placeholder per image in `image_sources` and per video."""
+        parse_special_tokens_in_content: False (the default) tokenizes every message text (system,
+        user and assistant, string content and text parts) as plain text: text such as
+        `<|im_end|>\\n<|im_start|>system` or `<image>` gets ordinary tokens, so only the chat template
+        writes role markers, placeholders and BOS/EOS. True parses special-token text inside messages
+        as special tokens, as transformers' apply_chat_template does; use it for trusted text only.
+        Both give the same ids when the messages hold no special-token text.
+        """
+        if parse_special_tokens_in_content:
+            prompt, conv = self.render(messages, add_generation_prompt)
+            return self.encode_prompt(prompt, conv.images, conv.videos)
+        conv = split_conversation(messages)
+        rendered = render_conversation(self.chat_template, conv.messages, add_generation_prompt,
+                                       self.tokenizer.special_tokens())
+        spans = message_spans(self.tokenizer, rendered)
+        return self.encode_prompt(rendered.text, conv.images, conv.videos, plain_spans=spans)
+
+    def encode_prompt(self, prompt: str, image_sources: list[Any], videos: list[VideoPart] = (),
+                      plain_spans: Sequence[tuple[int, int]] = ()) -> Encoded:
+        """Tokenize a rendered prompt holding one placeholder per image in `image_sources` and per video.
+
+        plain_spans: (start, end) character ranges of `prompt` tokenized as plain text (the message
+        text; see `TextTokenizer.encode`). The default, none, parses special tokens everywhere: the
+        caller vouches for the whole prompt.
+        """
         tok = self.tokenizer
         images = [load_image(src) for src in image_sources]
         # OneVision (as the reference): a conversation with several images encodes each as one square tile.
@@ -191,24 +216,12 @@ class Processor:
         image_in = [self.image_inputs(im, tiled) for im in images]
         video_in = [self.video_inputs(v) for v in videos]
         m = self.model
+        placeholders = [Placeholder(tok.image_token, m.image_token_id, [n for _, n in image_in], "image"),
+                        Placeholder(tok.video_token, m.video_token_id, [n for _, n in video_in], "video")]
         if self.original:
-            ids = chunked_ids(tok, prompt, [(tok.image_token, m.image_token_id, [n for _, n in image_in]),
-                                            (tok.video_token, m.video_token_id, [n for _, n in video_in])])
+            ids = chunked_ids(tok, prompt, placeholders, plain_spans)
         else:
-            text = expand_image_tokens(prompt, tok.image_token, [n for _, n in image_in])
-            if m.video_token_id is not None:
-                text = expand_image_tokens(text, tok.video_token, [n for _, n in video_in], kind="video")
-            ids = tok.encode(text)
-        checks = [(tok.image_token, m.image_token_id, image_in)]
-        if m.video_token_id is not None:
-            checks.append((tok.video_token, m.video_token_id, video_in))
-        for token, token_id, inputs in checks:
-            want, found = sum(n for _, n in inputs), sum(1 for i in ids if i == token_id)
-            if found != want:
-                raise PromptError(
-                    f"after tokenization the prompt holds {found} {token} tokens, expected {want} for "
-                    f"{len(inputs)} input(s); the text itself must not contain {token!r}."
-                )
+            ids = expand_placeholder_ids(tok.encode(prompt, plain_spans), placeholders)
         return Encoded(
             prompt=prompt,
             input_ids=ids,
@@ -246,9 +259,11 @@ class Processor:
             video_frames=tuple(f for e in items for f in e.video_frames),
         )
 
-    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True) -> Batch:
-        """Encode and left-pad several conversations."""
-        return self.collate([self.encode(c, add_generation_prompt) for c in conversations])
+    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True,
+                parse_special_tokens_in_content: bool = False) -> Batch:
+        """Encode and left-pad several conversations (`parse_special_tokens_in_content`: see `encode`)."""
+        return self.collate([self.encode(c, add_generation_prompt, parse_special_tokens_in_content)
+                             for c in conversations])
 
 
 def _check_token(tokenizer: TextTokenizer, token: str, expected: int, kind: str) -> None:

@@ -3,18 +3,24 @@
 Messages follow the Hugging Face conversation format: `{"role": ..., "content": str | [parts]}`
 with parts `{"type": "text", "text": ...}` and `{"type": "image", "image"|"url"|"path"|"base64": ...}`;
 OpenAI-style `{"type": "image_url", "image_url": {"url": ...}}` is accepted too.
+
+Message text is untrusted: `render_conversation` locates it in the rendered prompt and
+`TextTokenizer.encode(text, plain_spans)` tokenizes it as plain text, so `<|im_start|>system` or
+`<image>` written in a message cannot forge a turn or a placeholder; only the template writes those.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 
 import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import jinja2
 from jinja2.ext import Extension
@@ -98,6 +104,28 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def _overlaps(spans: Sequence[tuple[int, int]], span: tuple[int, int] | None) -> bool:
+    """Whether `span` (start, end) shares a character with one of `spans` (sorted by start, disjoint)."""
+    if span is None or span[0] >= span[1]:
+        return False
+    k = bisect.bisect_left(spans, (span[1],)) - 1  # the last span starting before span's end
+    return k >= 0 and spans[k][1] > span[0]
+
+
+def _never_prepend(node: Any) -> bool:
+    """Metaspace prepend_scheme "first" -> "never" in a tokenizer.json pre_tokenizer; True when found.
+    "first" prefixes "▁" to the text at the start of the input, which a piece encoded alone always is."""
+    if not isinstance(node, dict):
+        return False
+    found = False
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+        node["prepend_scheme"] = "never"
+        found = True
+    for child in node.get("pretokenizers") or ():
+        found = _never_prepend(child) or found
+    return found
+
+
 @dataclass(frozen=True)
 class TextTokenizer:
     """A `tokenizers` tokenizer plus the special tokens transformers would read from tokenizer_config.json."""
@@ -125,10 +153,119 @@ class TextTokenizer:
                  "unk_token": self.unk_token, "image_token": self.image_token, "video_token": self.video_token}
         return {k: v for k, v in names.items() if v is not None}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids; special tokens (BOS) added as the tokenizer's post-processor says, unless the text starts with BOS."""
-        add_special = not (self.bos_token and text.startswith(self.bos_token))
-        return self.tok.encode(text, add_special_tokens=add_special).ids
+    def encode(self, text: str, plain_spans: Sequence[tuple[int, int]] = (),
+               add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of `text`.
+
+        plain_spans: (start, end) character ranges of `text` tokenized as plain text (message content):
+            special-token text inside them (`<|im_end|>`, `</s>`, `<image>`) becomes ordinary tokens, as
+            with transformers' `split_special_tokens=True`, while special tokens outside them stay special.
+            The ids equal a plain encode whenever no special token overlaps a span.
+        add_special_tokens: add the post-processor's tokens (BOS); None adds them unless the text
+            already starts with BOS outside every plain span.
+        """
+        spans = sorted(plain_spans)
+        if add_special_tokens is None:
+            bos = self.bos_token
+            add_special_tokens = not (bos and text.startswith(bos) and not _overlaps(spans, (0, len(bos))))
+        enc = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        if not spans or not self._may_hold_specials(text, spans):
+            return enc.ids
+        ids, guarded = enc.ids, self._guarded_ids
+        hits = [k for k, i in enumerate(ids) if i in guarded]
+        offsets = enc.offsets if hits else []
+        if any(_overlaps(spans, self._core(text, ids[k], offsets[k])) for k in hits):
+            return self._encode_split(text, enc, spans)
+        return ids
+
+    @functools.cached_property
+    def _added(self) -> dict[int, Any]:
+        """id -> AddedToken of every added token (special or not)."""
+        return self.tok.get_added_tokens_decoder()
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special: the ones `encode_special_tokens` splits as plain text."""
+        return frozenset(i for i, t in self._added.items() if t.special)
+
+    @functools.cached_property
+    def _guarded_ids(self) -> frozenset[int]:
+        """Ids message text must not produce: special tokens and the media placeholders (special or not)."""
+        media = (self.image_token_id, self.token_id(self.video_token))
+        return self._special_ids | {i for i in media if i is not None}
+
+    @functools.cached_property
+    def _guarded_text(self) -> tuple[re.Pattern, int] | None:
+        """A pattern finding every occurrence (overlapping ones too) of a guarded token's text, and the
+        longest text; None when one is matched after normalization, so its raw text proves nothing."""
+        added = [self._added[i] for i in self._guarded_ids if i in self._added]
+        if not added or any(t.normalized for t in added):
+            return None
+        pattern = re.compile("(?=(" + "|".join(re.escape(t.content) for t in added) + "))")
+        return pattern, max(len(t.content) for t in added)
+
+    def _may_hold_specials(self, text: str, spans: list[tuple[int, int]]) -> bool:
+        """False only when no guarded token's text overlaps a span: a quick test (a special token is
+        matched only where its text is) that spares reading every token's offsets."""
+        if self._guarded_text is None:
+            return True
+        pattern, longest = self._guarded_text
+        for a, b in spans:
+            for m in pattern.finditer(text, max(0, a - longest + 1), min(len(text), b + longest - 1)):
+                if m.start() < b and m.start() + len(m.group(1)) > a:
+                    return True
+        return False
+
+    @functools.cached_property
+    def _plain(self) -> tuple[Tokenizer, Tokenizer]:
+        """Copies that leave special-token text unmatched, for text at the start of the input and for text
+        after it. Copies, built on first use: other threads may be encoding with the shared tokenizer."""
+        data = json.loads(self.tok.to_str())
+        first = Tokenizer.from_str(json.dumps(data))
+        first.encode_special_tokens = True
+        if not _never_prepend(data.get("pre_tokenizer")):
+            return first, first
+        later = Tokenizer.from_str(json.dumps(data))
+        later.encode_special_tokens = True
+        return first, later
+
+    def _core(self, text: str, token_id: int, offsets: tuple[int, int]) -> tuple[int, int] | None:
+        """Where an added token's own text lies (an lstrip/rstrip token's offsets also cover the
+        whitespace it swallows, which may be message text); None when the id was not matched as an
+        added token (the model part emits `<unk>` for an unknown character too)."""
+        a, b = offsets
+        added = self._added.get(token_id)
+        if added is None:
+            return None
+        c = text.find(added.content, a, b)
+        if c >= 0:
+            return c, c + len(added.content)
+        return (a, b) if added.normalized else None  # matched after normalization: the raw text differs
+
+    def _encode_split(self, text: str, enc: Any, spans: list[tuple[int, int]]) -> list[int]:
+        """Ids with special tokens kept only outside `spans`. A tokenizer splits its input at added tokens
+        and tokenizes each piece alone, so cutting at the kept ones and tokenizing the pieces with special
+        matching off gives its own ids, as if the text in the spans were not special. (Not exactly so
+        next to a kept special token flagged `normalized`, which tokenizers match after normalizing.)"""
+        ids, offsets, mask = enc.ids, enc.offsets, enc.special_tokens_mask
+        lead, tail = 0, len(ids)
+        while lead < tail and mask[lead]:  # BOS and other post-processor tokens
+            lead += 1
+        while tail > lead and mask[tail - 1]:
+            tail -= 1
+        first, later = self._plain
+
+        def plain(end: int) -> list[int]:  # text[pos:end] with special matching off
+            piece = text[pos:end]
+            return (first if pos == 0 else later).encode(piece, add_special_tokens=False).ids if piece else []
+
+        out, pos = list(ids[:lead]), 0
+        for k in range(lead, tail):
+            core = self._core(text, ids[k], offsets[k]) if ids[k] in self._special_ids else None
+            if core is not None and not _overlaps(spans, core):  # a special token the template wrote
+                out += plain(offsets[k][0]) + [ids[k]]
+                pos = offsets[k][1]
+        return out + plain(len(text)) + ids[tail:]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids (special tokens left out by default)."""
@@ -198,6 +335,74 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
                                documents=None, **tokens)
     except jinja2.exceptions.TemplateError as e:
         raise PromptError(f"the chat template failed on this conversation: {e}") from e
+
+
+# Stands in for the i-th message text while rendering: private-use characters no template writes.
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000([0-9]+)\ue001")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation and where its message text lies in it."""
+
+    text: str  # exactly what `render_template` returns
+    # sorted (start, end) of each message text in `text`; None: the template rewrites the text (not just strips)
+    content_spans: tuple[tuple[int, int], ...] | None
+    template_text: str  # the render with each message text replaced by a marker: the template's own text
+
+
+def render_conversation(template: str, messages: list[dict], add_generation_prompt: bool,
+                        tokens: dict[str, str]) -> Rendered:
+    """Render a conversation (in the template form of `split_conversation`) and locate its message text.
+
+    Rendered once as is and once with each text part replaced by a marker: the texts put back in place
+    of the markers must give the first render, so text inserted verbatim (or stripped) is located
+    exactly. Message text never reaches the marked render, so it cannot forge a marker.
+    """
+    text = render_template(template, messages, add_generation_prompt, tokens)
+    texts: list[str] = []
+    marked = []
+    for m in messages:
+        parts = []
+        for part in m["content"]:
+            if part.get("type") == "text" and part["text"]:  # empty text stays empty: `{% if text %}` behaves alike
+                parts.append({**part, "text": _MARK.format(len(texts))})
+                texts.append(part["text"])
+            else:
+                parts.append(part)
+        marked.append({**m, "content": parts})
+    if not texts:
+        return Rendered(text, (), text)
+    template_text = render_template(template, marked, add_generation_prompt, tokens)
+    pieces = _MARK_RE.split(template_text)  # template text, mark index, template text, ...
+    for variant in (texts, [t.strip() for t in texts]):  # verbatim, or `| trim` / `.strip()` templates
+        out = [variant[int(p)] if n % 2 and int(p) < len(variant) else p for n, p in enumerate(pieces)]
+        if "".join(out) == text:
+            starts = list(itertools.accumulate(map(len, out), initial=0))
+            spans = tuple((starts[n], starts[n + 1]) for n in range(1, len(out), 2) if out[n])
+            return Rendered(text, spans, template_text)
+    return Rendered(text, None, template_text)
+
+
+def message_spans(tok: "TextTokenizer", rendered: Rendered) -> tuple[tuple[int, int], ...]:
+    """The spans to tokenize as plain text: the message text of a rendered conversation. When the
+    template rewrites the text so that it cannot be located, the prompt is taken as is only if it holds
+    the special tokens and placeholders the template alone writes; otherwise PromptError."""
+    if rendered.content_spans is not None:
+        return rendered.content_spans
+
+    def specials(s: str) -> tuple:
+        ids = tok.tok.encode(s, add_special_tokens=False).ids
+        return sorted(i for i in ids if i in tok._guarded_ids), s.count(tok.image_token), s.count(tok.video_token)
+
+    if specials(rendered.text) != specials(rendered.template_text):
+        raise PromptError(
+            "this chat template rewrites message text, so llavakit cannot tell the template's special tokens "
+            "from special-token or placeholder text written inside a message; remove such text from the "
+            "messages, or pass parse_special_tokens_in_content=True to parse it as transformers does."
+        )
+    return ()
 
 
 @dataclass(frozen=True)
@@ -293,30 +498,73 @@ def expand_image_tokens(text: str, image_token: str, counts: list[int], kind: st
     return "".join(out)
 
 
-def chunked_ids(tok: TextTokenizer, text: str, placeholders: list[tuple[str, int | None, list[int]]]) -> list[int]:
+class Placeholder(NamedTuple):
+    """One kind of media placeholder in a prompt."""
+
+    text: str  # "<image>" or "<video>"
+    id: int | None  # its token id; None when the model takes no media of this kind
+    counts: list[int]  # tokens per medium, in prompt order
+    kind: str  # "image" or "video", for messages
+
+
+def _mismatch(p: Placeholder, found: int) -> PromptError:
+    return PromptError(f"the prompt has {found} {p.text} placeholder(s) but {len(p.counts)} {p.kind}(s) were given; "
+                       f"each {p.kind} needs exactly one placeholder.")
+
+
+def expand_placeholder_ids(ids: list[int], placeholders: list[Placeholder]) -> list[int]:
+    """Repeat the i-th placeholder id of each kind counts[i] times; PromptError when the numbers differ.
+    The ids of expanding the text first: a placeholder is an added token, matched alone, so N adjacent
+    copies are N ids and leave their neighbours alone (and no placeholder strings get tokenized)."""
+    marks = []  # (position, id, count); list.index scans in C, the ids are not walked in Python
+    for p in placeholders:
+        if p.id is None:
+            continue
+        at, k = [], -1
+        while True:
+            try:
+                k = ids.index(p.id, k + 1)
+            except ValueError:
+                break
+            at.append(k)
+        if len(at) != len(p.counts):
+            raise _mismatch(p, len(at))
+        marks += zip(at, [p.id] * len(at), p.counts)
+    out, prev = [], 0
+    for k, token_id, count in sorted(marks):
+        out += ids[prev:k]
+        out += [token_id] * count
+        prev = k + 1
+    return out + ids[prev:]
+
+
+def chunked_ids(tok: TextTokenizer, text: str, placeholders: list[Placeholder],
+                plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
     """Token ids the way the original LLaVA code builds them: each text chunk between placeholders
     tokenized on its own (BOS kept once, at the start), placeholder runs of reserved ids between.
 
-    placeholders: (placeholder text, id, token count per occurrence in order) for images and videos.
+    plain_spans: message text (see `TextTokenizer.encode`); placeholder text inside it is plain text.
     Raises PromptError when the text's placeholders and the media do not pair up.
     """
-    active = [(s, i, list(c)) for s, i, c in placeholders if i is not None]
-    pattern = "(" + "|".join(re.escape(s) for s, _, _ in active) + ")"
-    pieces = re.split(pattern, text)
-    queues = {s: (i, c) for s, i, c in active}
-    for s, (_, counts) in queues.items():
-        found = pieces[1::2].count(s)
-        if found != len(counts):
-            raise PromptError(f"the prompt has {found} {s} placeholder(s) but {len(counts)} were given; "
-                              "each image or video needs exactly one placeholder.")
-    bos = tok.token_id(tok.bos_token)
-    first = tok.tok.encode(pieces[0], add_special_tokens=True).ids
-    skip = 1 if first and bos is not None and first[0] == bos else 0
-    ids = list(first)
-    for marker, chunk in zip(pieces[1::2], pieces[2::2]):
-        token_id, counts = queues[marker]
-        ids += [token_id] * counts.pop(0)
-        ids += tok.tok.encode(chunk, add_special_tokens=True).ids[skip:]
+    spans = sorted(plain_spans)
+    active = {p.text: p for p in placeholders if p.id is not None}
+    pattern = re.compile("|".join(re.escape(s) for s in active) or "(?!)")
+    cuts = [m for m in pattern.finditer(text) if not _overlaps(spans, m.span())]
+    for s, p in active.items():
+        found = sum(1 for m in cuts if m.group() == s)
+        if found != len(p.counts):
+            raise _mismatch(p, found)
+    queues = {s: iter(p.counts) for s, p in active.items()}
+    bos, ids, start, skip = tok.token_id(tok.bos_token), [], 0, 0
+    for n, end in enumerate([m.start() for m in cuts] + [len(text)]):
+        chunk_spans = [(max(a, start) - start, min(b, end) - start) for a, b in spans if a < end and b > start]
+        chunk = tok.encode(text[start:end], chunk_spans, add_special_tokens=True)
+        if n == 0:  # BOS once: later chunks drop the one their encoding starts with
+            skip = 1 if chunk and bos is not None and chunk[0] == bos else 0
+        ids += chunk[skip:] if n else chunk
+        if n < len(cuts):
+            ids += [active[cuts[n].group()].id] * next(queues[cuts[n].group()])
+            start = cuts[n].end()
     return ids
 
 

@@ -21,12 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .completions import ChatService, ClientDisconnected, Stream
 from .config import ServerConfig
-from .errors import APIError, Overloaded, PayloadTooLarge, log, to_api_error
+from .errors import APIError, Overloaded, PayloadTooLarge, RequestTimeout, log, to_api_error
+from .guard import RequestGuard
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import parse_request
 
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 _PARSE_INLINE_BYTES = 256 << 10
@@ -83,19 +84,25 @@ class _SSEResponse(StreamingResponse):
             await self.stream.close()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (declared or actual length)."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or actual length), and
+    with 408 when it has not all arrived within `timeout_s` (a client trickling its body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server accepts at most {limit} "
                               "(--max-body-bytes). Send smaller or fewer images.")
     chunks, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than this server's limit of {limit} bytes "
-                                  "(--max-body-bytes). Send smaller or fewer images.")
-        chunks.append(piece)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body is larger than this server's limit of {limit} bytes "
+                                          "(--max-body-bytes). Send smaller or fewer images.")
+                chunks.append(piece)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s (--body-timeout); "
+                             f"{size} bytes came.") from None
     return b"".join(chunks)
 
 
@@ -107,23 +114,35 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
-    """The OpenAI-compatible app over a running `AsyncEngine`."""
+def create_app(engine, config: ServerConfig = ServerConfig(), loopback: bool = True) -> FastAPI:
+    """The OpenAI-compatible app over a running `AsyncEngine`.
+
+    loopback: the server listens on a loopback address, so Host headers must name a loopback host
+    (or one of config.allowed_hosts): a DNS-rebinding page cannot reach it.
+    """
     metrics = Metrics(engine.stats)
     service = ChatService(engine, config, metrics)
     state = {"draining": False}
+
+    async def drain() -> None:
+        """Refuse new work; in-flight requests get shutdown_timeout_s, then are cut (streams end with an
+        error event and [DONE], whole answers with a 503)."""
+        state["draining"] = True
+        await engine.stop(timeout=config.shutdown_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         """Nothing to start; on shutdown stop the engine (uvicorn has drained the connections by then)."""
         yield
-        state["draining"] = True
-        await engine.stop(timeout=config.shutdown_timeout_s)
+        await drain()
         service.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llavakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = metrics
+    app.state.drain = drain
+    # The last added runs first: the metrics see every answer, the guard's refusals included.
+    app.add_middleware(RequestGuard, config=config, loopback=loopback)
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -147,11 +166,15 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
         arrived = time.perf_counter()
         if state["draining"]:
             raise Overloaded("the server is shutting down; retry on another server.")
-        body = await _read_body(request, config.max_body_bytes)
+        try:
+            body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+        except ClientDisconnect:
+            log.info("client went away while sending its request")
+            return Response(status_code=499)  # nobody reads it; the status shows in the metrics
         if len(body) > _PARSE_INLINE_BYTES:  # megabytes of JSON and base64 take the loop too long to parse
-            req = await asyncio.get_running_loop().run_in_executor(service.pool, parse_request, body)
+            req = await asyncio.get_running_loop().run_in_executor(service.pool, service.parse, body)
         else:
-            req = parse_request(body)
+            req = service.parse(body)
         try:
             prepared = await service.prepare(req)
         except asyncio.CancelledError:
@@ -186,7 +209,7 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> FastAPI:
         vlm = engine.vlm
         return {"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "llavakit",
-            "root": str(vlm.folder), "max_model_len": service.context, "model_type": vlm.config.model_type,
+            "root": config.served_model_name, "max_model_len": service.context, "model_type": vlm.config.model_type,
             "input_modalities": ["text", "image"] + (["video"] if service.takes_video else [])}]}
 
     @app.get("/health")

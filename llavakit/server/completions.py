@@ -18,14 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_STOP_CHARS, SamplingParams
+from ..runtime import trim_freed_memory
 from .config import ServerConfig
 from .errors import BadRequest, ModelNotFound, Overloaded, TooManyRequests, to_api_error
 from .grammar import GrammarCompiler
 from .media import MediaResolver
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, ImagePart, TextPart, VideoPart, chunk, completion, logprob_entry,
-                       new_id, now, sse, usage_chunk)
+                       new_id, now, parse_request, sse, usage_chunk)
+
+_IDLE_TRIM_DELAY_S = 2.0  # quiet time before freed memory is handed back
 
 
 class ClientDisconnected(Exception):
@@ -40,6 +43,7 @@ class Prepared:
     created: int
     encoded: object  # processing.processor.Encoded
     params: list[SamplingParams]
+    media: list | None = None  # the engine's hashed media, computed in a media thread
 
     @property
     def prompt_tokens(self) -> int:
@@ -74,6 +78,12 @@ class ChatService:
         self.pool = ThreadPoolExecutor(cfg.media_workers, thread_name_prefix="llavakit-media")
         self.in_flight = 0  # admitted choices; the event loop is the only writer
         self.model_names = {cfg.served_model_name, str(self.vlm.folder), self.vlm.folder.name}
+        self.max_text_chars = cfg.max_text_chars or 8 * self.context
+        self._trim = None  # the pending idle trim
+
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        """The validated request of a body, under this server's size limits (blocking for large bodies)."""
+        return parse_request(body, self.cfg.max_messages, self.max_text_chars)
 
     # -- admission ------------------------------------------------------------------------------
     def _admit(self, n: int) -> None:
@@ -84,15 +94,26 @@ class ChatService:
         self.metrics.in_flight.set(self.in_flight)
 
     def release(self, n: int) -> None:
-        """Give back the admission of n choices."""
+        """Give back the admission of n choices; once the server has been idle a moment, trim the heap."""
         self.in_flight -= n
         self.metrics.in_flight.set(self.in_flight)
+        if self.in_flight == 0 and self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(_IDLE_TRIM_DELAY_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim = None
+        if self.in_flight == 0:
+            try:
+                self.pool.submit(trim_freed_memory)
+            except RuntimeError:  # shutting down: the pool is closed
+                pass
 
     # -- preparation -----------------------------------------------------------------------------
     def _check(self, req: ChatCompletionRequest) -> None:
         """The limits that need no decoding."""
         if req.model not in self.model_names:
-            raise ModelNotFound(f"model {req.model!r} is not served here; this server serves "
+            shown = req.model if len(req.model) <= 80 else req.model[:77] + "..."
+            raise ModelNotFound(f"model {shown!r} is not served here; this server serves "
                                 f"{self.cfg.served_model_name!r} (see /v1/models).", param="model")
         n = req.n or 1
         if n > self.cfg.max_n:
@@ -101,6 +122,9 @@ class ChatService:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > self.cfg.max_stop or not all(stops):
             raise BadRequest(f"stop takes at most {self.cfg.max_stop} non-empty strings.", param="stop",
+                             code="invalid_value")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise BadRequest(f"each stop string may hold at most {MAX_STOP_CHARS} characters.", param="stop",
                              code="invalid_value")
         images = videos = 0
         for m in req.messages:
@@ -147,10 +171,12 @@ class ChatService:
         return out
 
     def _encode(self, req: ChatCompletionRequest):
+        """(encoded prompt, hashed media): decoding, tokenizing and hashing, all in a media thread."""
         start = time.perf_counter()
         encoded = self.engine.encode(self._messages(req))
+        media = self.engine.media(encoded)
         self.metrics.encode_latency.observe(time.perf_counter() - start)
-        return encoded
+        return encoded, media
 
     def _constraints(self, req: ChatCompletionRequest, n: int) -> list:
         """One fresh grammar state per choice (compiling and building matchers can take a while: not on the loop)."""
@@ -170,7 +196,7 @@ class ChatService:
             constraints = [None] * n
             if req.response_format is not None and req.response_format.type != "text":
                 constraints = await self._in_pool(self._constraints, req, n)
-            encoded = await self._in_pool(self._encode, req)
+            encoded, media = await self._in_pool(self._encode, req)
             prompt = len(encoded.input_ids)
             max_tokens = req.max_completion_tokens or req.max_tokens
             if prompt >= self.context:
@@ -196,7 +222,7 @@ class ChatService:
                     repetition_penalty=req.repetition_penalty or 1.0,
                     seed=seed, stop=stops, ignore_eos=bool(req.ignore_eos),
                     logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, constraint=constraints[i]))
-            return Prepared(new_id(), now(), encoded, params)
+            return Prepared(new_id(), now(), encoded, params, media)
         except BaseException:
             self.release(n)
             raise
@@ -217,7 +243,7 @@ class ChatService:
     async def _run_choice(self, p: Prepared, index: int, arrived: float, sink) -> None:
         """Feed one choice's deltas to `sink(index, delta, logprob_entry)`; records latency metrics."""
         last = None
-        async for delta in self.engine.submit(f"{p.cid}-{index}", p.encoded, p.params[index]):
+        async for delta in self.engine.submit(f"{p.cid}-{index}", p.encoded, p.params[index], p.media):
             t = time.perf_counter()
             if last is None:
                 self.metrics.ttft.observe(t - arrived)

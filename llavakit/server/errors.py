@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import GenerationError, ImageError, LlavakitError, PromptError, VideoError
+from ..errors import GenerationError, ImageError, LlavakitError, NonFiniteLogits, PromptError, VideoError
 
 log = logging.getLogger("llavakit.server")
 
@@ -52,6 +52,13 @@ class PayloadTooLarge(APIError):
 
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(APIError):
+    """408: the request body did not arrive within --body-timeout."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class MediaFetchError(APIError):
@@ -99,6 +106,9 @@ def to_api_error(exc: BaseException) -> APIError:
         return BadRequest(str(exc), code="invalid_video")
     if isinstance(exc, PromptError):
         return BadRequest(str(exc), param="messages", code="invalid_prompt")
+    if isinstance(exc, NonFiniteLogits):  # validated sampling values cannot cause it: the model did
+        log.error("request failed: %s", exc)
+        return InternalError(f"the model failed on this request: {exc}")
     if isinstance(exc, GenerationError):
         return BadRequest(str(exc), code="invalid_sampling_parameters")
     if isinstance(exc, LlavakitError):  # e.g. an engine failure: not the client's fault

@@ -1,7 +1,7 @@
 """`image_url` / `video_url` parts → sources the processor accepts, under the server's limits.
 
     data:image/png;base64,...  ─► strict base64 decode ─────────────┐
-    http(s)://...              ─► RemoteFetcher (--allow-remote-media) ─► bytes ─► header check ─► processor
+    http(s)://...              ─► llavakit.fetch (--allow-remote-media) ─► bytes ─► header check ─► processor
     file:///...                ─► below --allowed-local-media-path ─┘    (images: pixels from the
                                                                           header, before decoding;
                                                                           videos: stream, frames, length)
@@ -23,11 +23,13 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
+from ..errors import InvalidMediaURL, MediaFetchFailed, MediaURLNotAllowed
+from ..fetch import RemoteFetcher
 from .config import ServerConfig
 from .errors import BadRequest, MediaFetchError
-from .fetch import RemoteFetcher
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),", re.ASCII)
+_MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 _VIDEO_MIME_PREFIXES = ("video/", "image/gif", "application/octet-stream")
 
 
@@ -80,6 +82,20 @@ def check_image(data: bytes, cfg: ServerConfig, param: str) -> None:
         raise BadRequest(f"{param}: the image is {width}x{height} = {width * height} pixels, more than this "
                          f"server's limit of {cfg.max_image_pixels}; send a smaller image.", param=param,
                          code="image_too_large")
+    _check_aspect(width, height, cfg, param, "the image", "image_too_large")
+
+
+# Decoding a clip decodes every frame up to the last sampled one: the work of the longest clip
+# allowed, at 30 frames per second of 1080p, bounds it.
+_DECODE_PIXELS_PER_SECOND = 30 * 1920 * 1080
+
+
+def _check_aspect(width: int, height: int, cfg: ServerConfig, param: str, what: str, code: str) -> None:
+    """Refuse an empty or extremely elongated picture (a 1 x 16,000,000 strip passes a pixel cap)."""
+    if min(width, height) < 1 or max(width, height) / min(width, height) > cfg.max_image_aspect_ratio:
+        raise BadRequest(f"{param}: {what} is {width}x{height}, an aspect ratio beyond this server's limit of "
+                         f"{cfg.max_image_aspect_ratio:g}:1 (--max-image-aspect-ratio); crop or pad it.",
+                         param=param, code=code)
 
 
 def check_video(source: bytes | Path, cfg: ServerConfig, param: str) -> None:
@@ -101,6 +117,9 @@ def check_video(source: bytes | Path, cfg: ServerConfig, param: str) -> None:
                 seconds = float(stream.duration * stream.time_base)
             elif container.duration:
                 seconds = container.duration / 1_000_000
+            total = stream.frames or None  # what the container announces; else estimated from the rate
+            if total is None and seconds is not None and stream.average_rate:
+                total = int(seconds * float(stream.average_rate)) + 1
     except BadRequest:
         raise
     except Exception as e:  # av.error.FFmpegError and friends: not a video FFmpeg reads
@@ -109,9 +128,22 @@ def check_video(source: bytes | Path, cfg: ServerConfig, param: str) -> None:
     if width * height > cfg.max_image_pixels:
         raise BadRequest(f"{param}: video frames are {width}x{height}, more pixels than this server accepts "
                          f"({cfg.max_image_pixels}).", param=param, code="video_too_large")
+    _check_aspect(width, height, cfg, param, "a video frame", "video_too_large")
     if seconds is not None and seconds > cfg.max_video_seconds:
         raise BadRequest(f"{param}: the video lasts {seconds:.0f} s, longer than this server's limit of "
                          f"{cfg.max_video_seconds:g} s.", param=param, code="video_too_long")
+    # Checked from the header, before a frame is decoded: what the sampled frames will hold, and
+    # how much decoding reaching them takes.
+    sampled = min(cfg.max_video_frames, total or cfg.max_video_frames)
+    if sampled * width * height > cfg.max_video_pixels:
+        raise BadRequest(f"{param}: {sampled} frames of {width}x{height} would be {sampled * width * height} pixels, "
+                         f"more than this server's limit of {cfg.max_video_pixels} (--max-video-pixels); send a "
+                         "smaller video or ask for fewer frames.", param=param, code="video_too_large")
+    if total is not None and total * width * height > cfg.max_video_seconds * _DECODE_PIXELS_PER_SECOND:
+        raise BadRequest(f"{param}: the video holds {total} frames of {width}x{height}, more to decode than this "
+                         f"server does for one request (the work of {cfg.max_video_seconds:g} s of 1080p at 30 "
+                         "frames per second); send a shorter or smaller video.", param=param,
+                         code="video_too_large")
 
 
 class MediaResolver:
@@ -120,7 +152,8 @@ class MediaResolver:
     def __init__(self, cfg: ServerConfig, fetcher: RemoteFetcher | None = None):
         self.cfg = cfg
         self.fetcher = fetcher or RemoteFetcher(cfg.remote_media_timeout_s, cfg.remote_media_max_bytes,
-                                                cfg.remote_media_max_redirects, cfg.remote_media_domains)
+                                                cfg.remote_media_max_redirects, cfg.remote_media_domains,
+                                                allow_private=cfg.allow_private_media)
 
     def image(self, url: str, param: str) -> bytes:
         """Encoded image bytes, checked; raises BadRequest (400) or MediaFetchError (422)."""
@@ -149,9 +182,12 @@ class MediaResolver:
                                  code="remote_media_disabled")
             try:
                 return self.fetcher.fetch(url, kind)
-            except (BadRequest, MediaFetchError) as e:
-                e.param = param
-                raise
+            except InvalidMediaURL as e:
+                raise BadRequest(str(e), param=param, code="invalid_media_url") from None
+            except MediaURLNotAllowed as e:
+                raise BadRequest(str(e), param=param, code="media_url_not_allowed") from None
+            except MediaFetchFailed as e:
+                raise MediaFetchError(str(e), param=param) from None
         if scheme == "file":
             path = self._local(url, param)
             try:
@@ -177,11 +213,22 @@ class MediaResolver:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise BadRequest(f"{param}: file URLs must not name a host.", param=param, code="invalid_media_url")
-        path = Path(os.path.realpath(unquote(parts.path)))
-        if not path.is_relative_to(root):
-            raise BadRequest(f"{param}: {unquote(parts.path)!r} is outside the folder this server may read.",
+        raw = unquote(parts.path)
+        shown = repr(raw if len(raw) <= 80 else raw[:77] + "...")
+        if "\x00" in raw or len(raw) > _MAX_PATH_CHARS:
+            raise BadRequest(f"{param}: the file URL {shown} is not a usable path (a NUL byte, or longer than "
+                             f"{_MAX_PATH_CHARS} characters).", param=param, code="invalid_media_url")
+        try:
+            path = Path(os.path.realpath(raw))
+            inside = path.is_relative_to(root)
+            found = inside and path.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, and the like
+            raise BadRequest(f"{param}: the file URL {shown} is not a usable path.", param=param,
+                             code="invalid_media_url") from None
+        if not inside:
+            raise BadRequest(f"{param}: {shown} is outside the folder this server may read.",
                              param=param, code="media_url_not_allowed")
-        if not path.is_file():
-            raise MediaFetchError(f"{param}: no file at {unquote(parts.path)!r}.", param=param)
+        if not found:
+            raise MediaFetchError(f"{param}: no file at {shown}.", param=param)
         return path
 

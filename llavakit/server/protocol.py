@@ -12,13 +12,17 @@ Responses are plain dicts built here, in the shape the `openai` client parses.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadRequest
+
+
+MIN_TEMPERATURE = 0.01
 
 
 class _Strict(BaseModel):
@@ -141,10 +145,12 @@ class ChatCompletionRequest(_Strict):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Near 0 (say 1e-40) a temperature or penalty divides the logits into infinities: 0 is greedy,
+    # below MIN_TEMPERATURE is refused instead.
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM extension; -1 or 0 turn it off
-    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM extension
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # vLLM extension
     ignore_eos: bool | None = None  # vLLM extension (benchmarks)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
@@ -174,6 +180,13 @@ class ChatCompletionRequest(_Strict):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -226,10 +239,70 @@ def _param(loc: tuple, data: Any) -> str | None:
     return out or None
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Parse and validate a request body; every failure is a BadRequest naming the parameter."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string holding an unpaired UTF-16 surrogate (JSON allows "\\ud800"; UTF-8 does not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "request"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key, path) is not None:
+            return path or "request"
+        found = _lone_surrogate(item, f"{path}.{key}" if isinstance(key, str) and path else
+                                f"{path}[{key}]" if isinstance(key, int) else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _text_chars(messages: list) -> int:
+    """Characters of text in raw (unvalidated) messages: content strings and text parts."""
+    total = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"])
+    return total
+
+
+def check_size(data: dict, max_messages: int, max_text_chars: int) -> None:
+    """The cheap limits, on the raw JSON before the request model is built: validating 450,000
+    messages alone would hold the interpreter for seconds, tokenizing megabytes for longer."""
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return  # validation names the problem
+    if len(messages) > max_messages:
+        raise BadRequest(f"the request holds {len(messages)} messages; this server accepts at most {max_messages} "
+                         "(--max-messages).", param="messages", code="too_many_messages")
+    chars = _text_chars(messages)
+    if chars > max_text_chars:
+        raise BadRequest(f"the messages hold {chars} characters of text; this server reads at most "
+                         f"{max_text_chars} (--max-text-chars), more than the model's context can take. "
+                         "Shorten the conversation.", param="messages", code="context_length_exceeded")
+
+
+def parse_request(body: bytes, max_messages: int = 2048, max_text_chars: int = 1 << 20) -> ChatCompletionRequest:
+    """Parse and validate a request body; every failure is a BadRequest naming the parameter.
+
+    Size limits are checked first, on the bytes and then on the raw JSON, before any validation.
+    """
     if not body.strip():
         raise BadRequest("the request body is empty; send a JSON object.", code="empty_body")
+    # Each message has a "role" key, so counting the bytes costs milliseconds and bounds what json.loads
+    # would build (a key spelled with escapes slips through, and is counted again below).
+    if body.count(b'"role"') > max_messages:
+        raise BadRequest(f"the request holds more than {max_messages} messages, the most this server accepts "
+                         "(--max-messages).", param="messages", code="too_many_messages")
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -237,6 +310,13 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise BadRequest(f"the request body must be a JSON object, got a JSON {type(data).__name__}.",
                          code="invalid_json")
+    if _SURROGATE_ESCAPE.search(body):  # only then can a decoded string hold a lone surrogate
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise BadRequest(f"{where}: the text holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff "
+                             "without its pair), which is not Unicode text; send valid UTF-8.", param=where,
+                             code="invalid_unicode")
+    check_size(data, max_messages, max_text_chars)
     try:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:

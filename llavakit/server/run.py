@@ -2,16 +2,25 @@
 
 Shutdown on SIGTERM (or Ctrl-C):
 
-    uvicorn stops accepting ─► in-flight requests run on for up to shutdown_timeout_s
-        ─► the rest are cancelled (their engine requests aborted) ─► lifespan: engine.stop() ─► exit 0
+    uvicorn stops accepting; /health answers 503 on open connections
+        ─► in-flight requests run on for up to shutdown_timeout_s
+        ─► the rest are cut by the engine: a stream ends with an error event and `data: [DONE]`, a
+           whole answer is a 503 ─► lifespan: engine stopped ─► exit 0
+
+The engine cuts them (not uvicorn, which would cancel the response tasks mid-write): uvicorn's own
+deadline is set a little later, as a backstop for a client that does not read its last events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 
 from .config import ServerConfig
+from .guard import is_loopback_host
+
+_BACKSTOP_S = 5.0  # after the engine's cut, time for the last events to reach the clients
 
 
 def serve(vlm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
@@ -21,16 +30,27 @@ def serve(vlm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, 
 
     from ..engine.async_engine import AsyncEngine, EngineConfig
     from .app import create_app
+    from .connections import guarded_protocol
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Start the drain with uvicorn's: it cuts what is still running at the deadline.
+            drain = asyncio.ensure_future(app.state.drain())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await asyncio.gather(drain, return_exceptions=True)
 
     # The engine's queue holds whatever the server admits, so the server's 429 speaks first and
     # the engine's own refusal (a 503) is left for shutdown.
     engine = AsyncEngine(vlm, EngineConfig(max_batch_size=max_batch_size, max_queue=config.max_concurrent_requests,
                                            kv_cache_bytes=kv_cache_bytes, image_cache_bytes=image_cache_bytes))
-    app = create_app(engine, config)
+    app = create_app(engine, config, loopback=is_loopback_host(host))
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                               timeout_graceful_shutdown=config.shutdown_timeout_s, lifespan="on",
-                               limit_concurrency=None, timeout_keep_alive=5)
-    server = uvicorn.Server(uv_config)
+                               timeout_graceful_shutdown=config.shutdown_timeout_s + _BACKSTOP_S, lifespan="on",
+                               http=guarded_protocol(config.max_connections, config.header_timeout_s),
+                               timeout_keep_alive=config.keep_alive_timeout_s)
+    server = _Server(uv_config)
     logging.getLogger("llavakit.server").setLevel(log_level.upper())
     # uvicorn re-raises the signal it caught once it has shut down, with the handler it found at
     # start: with a no-op handler there, a graceful SIGTERM stop ends in exit status 0.

@@ -52,15 +52,17 @@ def pair(checkpoint):
     return llavakit.load(path, dtype=torch.float32), load_reference(path)[1]
 
 
+@pytest.mark.parametrize("parse_special", [False, True], ids=["content as text", "content specials parsed"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_rendered_prompt_and_ids_match_transformers(pair, name):
+def test_rendered_prompt_and_ids_match_transformers(pair, name, parse_special):
+    """The messages hold no special-token text, so both tokenizations of message text give transformers' ids."""
     vlm, proc = pair
     conv = _with_images(CONVERSATIONS[name])
     text, parsed = vlm.processor.render(conv)
     images = parsed.images
     assert text == proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     ref = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    batch = vlm.prepare([conv])
+    batch = vlm.prepare([conv], parse_special_tokens_in_content=parse_special)
     assert batch.input_ids.tolist() == ref["input_ids"].tolist()
     if images:
         assert float((batch.pixel_values - ref["pixel_values"]).abs().max()) <= 1e-5
@@ -123,9 +125,12 @@ def test_expansion_counts_placeholders():
         expand_image_tokens("a<image>b<image>", "<image>", [2])
 
 
-def test_literal_placeholder_in_user_text_is_rejected(pair):
+def test_literal_placeholder_in_user_text(pair):
+    """Plain text by default; a placeholder without its image when special tokens in messages are parsed."""
     vlm, _ = pair
     conv = [{"role": "user", "content": [{"type": "image", "image": _img(30, 30)},
                                          {"type": "text", "text": "see <image> here"}]}]
+    ids = vlm.prepare([conv]).input_ids[0].tolist()
+    assert ids.count(vlm.config.image_token_id) == vlm.processor.features_per_image
     with pytest.raises(PromptError, match="placeholder"):
-        vlm.prepare([conv])
+        vlm.prepare([conv], parse_special_tokens_in_content=True)

@@ -51,7 +51,8 @@ def test_stream_equals_whole_answer_and_ends_with_done(server, name):
     assert all(c.usage is None for c in chunks[:-1])
     # the raw stream is server-sent events closed by [DONE]
     status, raw, headers = s.request("POST", "/v1/chat/completions", json.dumps(
-        {"model": name, "messages": messages, "max_tokens": 3, "stream": True}).encode())
+        {"model": name, "messages": messages, "max_tokens": 3, "stream": True}).encode(),
+        {"Content-Type": "application/json"})
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = [e for e in raw.decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"

@@ -1,4 +1,5 @@
-"""SIGTERM: the server stops accepting, lets in-flight streams finish within the timeout, cancels the rest, exits 0."""
+"""SIGTERM: the server stops accepting, lets in-flight streams finish within the timeout, cuts the rest with an
+error event and [DONE], exits 0."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from server_helpers import Server, image_message, png_bytes
 def _stream(port: int, max_tokens: int, out: dict, started: threading.Event) -> None:
     body = json.dumps({"model": "shutdown", "messages": image_message("What is in the picture?", png_bytes(16, 16)),
                        "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     data = b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -56,4 +57,7 @@ def test_sigterm_finishes_short_streams_cancels_long_ones_and_exits_0(checkpoint
     assert elapsed < 15
     text = short["data"].decode()  # chunked transfer encoding: the body ends with the empty last chunk
     assert '"finish_reason":"length"' in text and "data: [DONE]" in text and text.endswith("\r\n0\r\n\r\n")
-    assert "data: [DONE]" not in long_["data"].decode()  # cut when the timeout ran out
+    # Cut when the timeout ran out, and told so: an error event, then [DONE], then the stream's end.
+    cut = long_["data"].decode()
+    assert '"code":"overloaded"' in cut and "shutting down" in cut, cut[-500:]
+    assert cut.index('"code":"overloaded"') < cut.index("data: [DONE]") and cut.endswith("\r\n0\r\n\r\n")

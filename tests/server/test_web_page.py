@@ -408,3 +408,35 @@ def test_video_model_takes_a_video(browser, server, shots, request):
         assert not chat.problems, chat.problems
     finally:
         context.close()
+
+
+def test_page_asks_for_the_api_key_when_the_server_wants_one(browser, shots, tmp_path_factory):
+    from llavakit.cli import default_model_dir
+
+    key = "page-key-42"
+    s = Server(default_model_dir(), "keyed", ["--api-key", key], tmp_path_factory.mktemp("keyed") / "server.log")
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        chat = Chat(page, s, shots, "api-key")
+        page.goto(s.url + "/")
+        expect(page.locator("#model")).to_have_text("This server needs an API key.")
+        field = page.get_by_label("This server needs an API key")
+        expect(field).to_be_visible()
+        chat.shot("asks-for-key")
+        field.fill("wrong")
+        page.get_by_role("button", name="Use key").click()
+        expect(field).to_be_visible()  # refused: asked again
+        field.fill(key)
+        page.get_by_role("button", name="Use key").click()
+        expect(page.locator("#model")).to_contain_text("keyed · LLaVA-OneVision")
+        expect(page.locator("#key-form")).to_be_hidden()
+        chat.attach(str(PICTURE))
+        chat.ask(QUESTION)
+        check_answer(chat.wait_answer(0))
+        chat.shot("answered-with-key")
+        assert not chat.problems, chat.problems
+    finally:
+        context.close()
+        assert s.stop() == 0, s.log_tail()

@@ -10,7 +10,9 @@ const ui = {
   form: $("composer"), attachments: $("attachments"), files: $("files"), attachLabel: $("attach-label"),
   prompt: $("prompt"), send: $("send"), stop: $("stop"), drop: $("drop"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"),
+  keyForm: $("key-form"), apiKey: $("api-key"),
 };
+const KEY_STORE = "llavakit-api-key";
 const FAMILIES = { llava: "LLaVA-1.5", llava_next: "LLaVA-NeXT", llava_onevision: "LLaVA-OneVision" };
 const MIME = {
   png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
@@ -69,11 +71,42 @@ function thumb(item) {
   return el("img", { src: item.url, alt: label, title: item.name });
 }
 
+// ───────────────────────────── the API key ─────────────────────────────
+
+// A server started with --api-key answers 401 on /v1/*; the page then asks for the key and keeps
+// it for this browser tab only (sessionStorage), sending it as a Bearer token.
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function askForKey(message) {
+  ui.keyForm.hidden = false;
+  ui.apiKey.focus();
+  notice(message);
+}
+
+ui.keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = ui.apiKey.value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORE, key);
+  ui.apiKey.value = "";
+  ui.keyForm.hidden = true;
+  loadModel();
+});
+
 // ───────────────────────────── the model ─────────────────────────────
 
 async function loadModel() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await fetch("/v1/models", { headers: authHeaders() });
+    if (res.status === 401) {
+      sessionStorage.removeItem(KEY_STORE);
+      ui.model.textContent = "This server needs an API key.";
+      askForKey("Enter the server's API key to chat.");
+      return;
+    }
     if (!res.ok) throw new Error(await errorText(res));
     const card = (await res.json()).data[0];
     state.model = card;
@@ -306,9 +339,10 @@ async function ask(ex) {
   let tFirst = null, tLast = null, usage = null;
   try {
     const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (res.status === 401) askForKey("The API key was refused; enter it again, then press Retry.");
     if (!res.ok) throw new Error(await errorText(res));
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
