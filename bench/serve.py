@@ -220,7 +220,7 @@ def launch(model: str, flags: list[str], timeout: float = 300) -> tuple[subproce
             raise SystemExit(f"the server exited with status {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 if b" 200 " in c.recv(100):
                     return proc, f"http://127.0.0.1:{port}"
         except OSError:
@@ -243,7 +243,7 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 def served_model(host: str, port: int) -> str:
     """The id in /v1/models."""
     with socket.create_connection((host, port), timeout=10) as c:
-        c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         raw = b""
         while piece := c.recv(65536):
             raw += piece

@@ -72,7 +72,7 @@ def rss_of(pid: int | None) -> int | None:
 def metrics(host: str, port: int) -> dict[str, float]:
     """Unlabelled samples of /metrics."""
     with socket.create_connection((host, port), timeout=10) as c:
-        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         raw = b""
         while piece := c.recv(65536):
             raw += piece
