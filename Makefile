@@ -15,7 +15,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
+# Chat needs only the package itself; the tests need the test extra (transformers, the server,
+# Ray, a browser driver: about 2 GB), installed by `make test` alone.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
@@ -23,15 +29,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 chat: $(VENV)/.installed
 	$(BIN)/llavakit chat --image $(IMAGE) "$(QUESTION)"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 # Retrain the shipped model from scratch (about 40 minutes on 2 cores); the result lands in shapes-run/model.
-shapes-model: $(VENV)/.installed
+shapes-model: $(VENV)/.installed-test
 	LLAVAKIT=$(BIN)/llavakit scripts/train_shapes_model.sh shapes-run
 
 # llavakit against llama.cpp on the same decoder (bench/llamacpp.py); builds llama-cpp-python from source
 # with this CPU's instruction set (about 15 minutes on 2 cores the first time).
-bench-llamacpp: $(VENV)/.installed
+bench-llamacpp: $(VENV)/.installed-test
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/llamacpp.py

@@ -118,13 +118,69 @@ def cmd_chat(args) -> int:
         pending = []
 
 
+_FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def info_summary(info: dict) -> list[str]:
+    """A checkpoint's `VLM.info()` record as a few aligned lines a person reads at a glance."""
+    text, vision, tokens = info["text"], info["vision"], info["tokens"]
+    heads = f"{text['heads']} heads" + (f" ({text['kv_heads']} KV)" if text["kv_heads"] != text["heads"] else "")
+    decoder = (f"{info['text_model']}: {text['layers']} layers, hidden {text['hidden_size']}, {heads}, "
+               f"vocab {text['vocab_size']}, rope {text['rope']} (theta {text['rope_theta']:g})")
+    if text["sliding_window"]:
+        decoder += f", sliding window {text['sliding_window']}"
+    if text["tied_embeddings"]:
+        decoder += ", tied embeddings"
+    tower = (f"{info['vision_model']}: {vision['layers']} layers, hidden {vision['hidden_size']}, "
+             f"{vision['image_size']} px tiles of {vision['patch_size']} px patches, features of layer(s) "
+             f"{', '.join(map(str, vision['feature_layers']))} ({vision['select_strategy']})")
+    grids = info["image_grid_pinpoints"]
+    tiling = "one tile per image" if not grids else (
+        f"any-resolution over {len(grids)} grids, {'x'.join(map(str, min(grids)))} to {'x'.join(map(str, max(grids)))} px")
+    def token(name, value) -> str:  # [text, id] pairs, id lists (eos), or a bare id (pad)
+        if isinstance(value, list) and len(value) == 2 and (value[0] is None or isinstance(value[0], str)):
+            return f"{name} none" if value[0] is None else f"{name} {value[0]!r} = {value[1]}"
+        return f"{name} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+
+    named = [token(name, value) for name, value in tokens.items()]
+    template = info["chat_template"] or ""
+    rows = [
+        ("model", info["folder"]),
+        ("family", f"{_FAMILY_NAMES.get(info['model_type'], info['model_type'])} ({info['model_type']})"),
+        ("parameters", f"{_count(info['parameters'])}, {info['dtype']}"),
+        ("decoder", decoder),
+        ("vision tower", tower),
+        ("image tiling", tiling),
+        ("image tokens", str(info["image_tokens_per_image"])),
+        ("tokens", "; ".join(named)),
+        ("chat template", f"{len(template)} characters (--json prints it)" if template else "none"),
+    ]
+    for path, layout in info.get("images", {}).items():
+        grid = f"grid {layout['grid'][0]}x{layout['grid'][1]}, " if layout.get("grid") else ""
+        tiles = f"{layout['tiles']} tiles, " if "tiles" in layout else ""
+        rows.append((f"image {path}", f"{layout['size'][0]}x{layout['size'][1]} px: {grid}{tiles}"
+                     f"{layout['tokens']} tokens"))
+    width = max(len(name) for name, _ in rows)
+    return [f"{name:<{width}}  {value}" for name, value in rows]
+
+
 def cmd_info(args) -> int:
-    """Print what a checkpoint is: architecture, sizes, special tokens, chat template."""
+    """Print what a checkpoint is: a short summary, or with --json the whole record (template included)."""
     vlm = _load(args)
     info = vlm.info()
     if args.image:
         info["images"] = {path: vlm.image_layout(path) for path in args.image}
-    print(json.dumps(info, indent=2, ensure_ascii=False))
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(info_summary(info)))
     return 0
 
 
@@ -327,6 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     model_args(info)
     info.add_argument("--image", action="append", default=[],
                       help="also show this image's tile grid and token count (repeatable)")
+    info.add_argument("--json", action="store_true", help="print the whole record as JSON (chat template included)")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert between the llava-hf and the original LLaVA format")

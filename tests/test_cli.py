@@ -73,12 +73,27 @@ def test_interactive_chat_recovers_from_a_bad_attachment(checkpoint, tmp_path, p
 
 
 def test_info_describes_the_checkpoint(checkpoint):
-    res = _run(["info", "--model", str(checkpoint("qwen2"))])
+    res = _run(["info", "--model", str(checkpoint("qwen2")), "--json"])
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["text_model"] == "qwen2" and info["model_type"] == "llava"
     assert info["image_tokens_per_image"] == 16 and info["text"]["layers"] == 2
     assert info["tokens"]["image"][0] == "<image>"
+
+
+def test_info_prints_a_short_summary(checkpoint):
+    picture = Path(__file__).resolve().parents[1] / "examples" / "picture.png"
+    res = _run(["info", "--model", str(checkpoint("qwen2")), "--image", str(picture)])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) <= 40
+    rows = {line.split("  ")[0]: line for line in lines}
+    assert "LLaVA-1.5 (llava)" in rows["family"]
+    assert "qwen2: 2 layers" in rows["decoder"]
+    assert "image '<image>' = " in rows["tokens"]
+    assert rows["image tokens"].endswith("16")
+    assert f"image {picture}" in res.stdout and "96x96 px" in res.stdout
+    assert "{%" not in res.stdout  # the template only with --json
 
 
 def test_errors_exit_2_with_one_line(checkpoint, tmp_path):

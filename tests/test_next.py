@@ -158,7 +158,8 @@ def test_info_shows_pinpoints_and_image_layout(models, tmp_path):
     vlm, _, _ = models("next_mistral")
     path = tmp_path / "wide.png"
     IMAGES[0].save(path)
-    res = subprocess.run([sys.executable, "-m", "llavakit", "info", "--model", str(vlm.folder), "--image", str(path)],
+    res = subprocess.run([sys.executable, "-m", "llavakit", "info", "--model", str(vlm.folder), "--image", str(path),
+                          "--json"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
