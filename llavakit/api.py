@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,7 +15,7 @@ import torch
 
 from .config import LlavaConfig
 from .engine.async_engine import EngineConfig
-from .engine.core import Engine
+from .engine.core import Engine, run_to_completion
 from .engine.sampling import SamplingParams
 from .errors import ConfigError, GenerationError, PromptError
 from .processing.processor import Batch, Encoded, Processor
@@ -199,47 +200,32 @@ class VLM:
     generate_many = generate
 
     def _stream(self, encoded: Encoded, params: SamplingParams) -> Iterator[str]:
-        engine, request_id = self.engine, f"stream-{uuid.uuid4().hex}"
-        engine.add_request(request_id, encoded, params)
-        try:
-            while True:
-                for rid, delta in engine.step():
-                    if rid != request_id:
-                        continue
-                    if delta.error is not None:  # e.g. NonFiniteLogits; the engine has finished the request
-                        raise delta.error
-                    if delta.text:
-                        yield delta.text
-                    if delta.finish_reason is not None:
-                        return
-        finally:
-            engine.abort(request_id)  # a no-op when finished; frees the slot if the caller stopped early
+        request_id = f"stream-{uuid.uuid4().hex}"
+        # closing(): stopping the stream early aborts the request and frees its slot at once
+        with closing(run_to_completion(self.engine, [(request_id, encoded, params)])) as deltas:
+            for _, delta in deltas:
+                if delta.error is not None:  # e.g. NonFiniteLogits; the engine has finished the request
+                    raise delta.error
+                if delta.text:
+                    yield delta.text
 
     def _run(self, encoded: list[Encoded], params: list[SamplingParams]) -> list[ChatOutput]:
-        engine, tag = self.engine, uuid.uuid4().hex
-        request_ids = [f"{tag}-{i}" for i in range(len(encoded))]
-        index = {rid: i for i, rid in enumerate(request_ids)}
+        tag = uuid.uuid4().hex
+        index = {f"{tag}-{i}": i for i in range(len(encoded))}
         texts, ids = [[] for _ in encoded], [[] for _ in encoded]
         reasons: list[str | None] = [None] * len(encoded)
-        try:
-            for rid, enc, p in zip(request_ids, encoded, params):
-                engine.add_request(rid, enc, p)
-            while any(r is None for r in reasons):
-                for rid, d in engine.step():
-                    i = index.get(rid)
-                    if i is None:
-                        continue
-                    if d.error is not None:  # e.g. NonFiniteLogits: the call fails; the others are aborted below
-                        if len(encoded) == 1:
-                            raise d.error
-                        raise type(d.error)(f"conversation {i}: {d.error}") from d.error
-                    texts[i].append(d.text)
-                    ids[i].append(d.token_id)
-                    if d.finish_reason:
-                        reasons[i] = d.finish_reason
-        finally:
-            for rid in request_ids:
-                engine.abort(rid)
+        # closing(): a failure aborts the other requests of this call before it propagates
+        with closing(run_to_completion(self.engine, zip(index, encoded, params))) as deltas:
+            for rid, d in deltas:
+                i = index[rid]
+                if d.error is not None:  # e.g. NonFiniteLogits: the call fails; the others are aborted
+                    if len(encoded) == 1:
+                        raise d.error
+                    raise type(d.error)(f"conversation {i}: {d.error}") from d.error
+                texts[i].append(d.text)
+                ids[i].append(d.token_id)
+                if d.finish_reason:
+                    reasons[i] = d.finish_reason
         return [ChatOutput("".join(texts[i]), ids[i], reasons[i], len(encoded[i].input_ids), len(ids[i]))
                 for i in range(len(encoded))]
 
@@ -321,7 +307,11 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
          device: str | torch.device = "cpu",
          revision: str | None = None, vision_tower: str | os.PathLike | None = None,
          conv_template: str | None = None, quantize: str = "none") -> VLM:
-    """Load a LLaVA checkpoint from a local folder or a hub id, in the llava-hf or the original format.
+    """Load a LLaVA checkpoint from a local folder, a hub id, or by name `llava-shapes` (the tiny model
+    shipped with llavakit), in the llava-hf or the original format.
+
+    name_or_path: a folder wins over a name: a folder called llava-shapes in the working directory is
+    what "llava-shapes" loads (see weights.resolve_model_dir).
 
     dtype: a torch dtype or its name ("float32", "bfloat16", "float16"), or "auto" for the checkpoint's
     own (float16 checkpoints run as bfloat16 on CPU, float32 ones as bfloat16 on a GPU).

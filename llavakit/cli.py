@@ -4,14 +4,19 @@
     llavakit info [--model DIR] [--image PATH]                    architecture, sizes, token ids, template
     llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
-    llavakit serve --model DIR [--host H] [--port P] [limits]     an OpenAI-compatible HTTP server
+    llavakit serve [--model DIR] [--host H] [--port P] [limits]   an OpenAI-compatible HTTP server
     llavakit make-shapes --out DIR --n N [--per-image K] [--seed S]  the synthetic shapes world (train/test JSONL)
     llavakit pretrain-tower --vision SPEC --out DIR               a vision tower pretrained on the shapes world
     llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
-    llavakit train --model DIR --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
+    llavakit train [--model DIR] --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
     llavakit merge-lora --model DIR --adapter DIR --out DIR      fold a LoRA adapter into a checkpoint
     llavakit eval --model DIR --data test.jsonl                  exact-match accuracy per question type
     llavakit batch --input DIR|FILE --output out.jsonl [--resume] [--ray]  answer many requests offline
+    llavakit --version
+
+Wherever a model is read, --model takes a folder, a hub id (org/name) or `llava-shapes`, the tiny
+model shipped in the package (the default). Building the parser imports no torch, so `--help` and
+`--version` answer at once: imports that need torch live inside the command functions.
 """
 
 from __future__ import annotations
@@ -24,15 +29,30 @@ from pathlib import Path
 
 from .errors import LlavakitError
 
-HELP_INTERACTIVE = """commands: /image PATH or /video PATH attaches to your next message, /reset starts over,
-/quit (or Ctrl-D) leaves; anything else is sent as your message."""
+SHIPPED_MODEL_NAME = "llava-shapes"  # what --model and llavakit.load() call the shipped model
+SHIPPED_MODEL = Path(__file__).parent / "assets" / SHIPPED_MODEL_NAME
 
+# Copies of defaults defined next to torch code (random_init.PRESETS, train.loop's STAGES and
+# TrainConfig), so that building the parser imports no torch; tests/test_cli.py checks they agree.
+RANDOM_PRESETS = ("tiny", "llava-1.5-7b", "llava-v1.6-mistral-7b", "llava-onevision-qwen2-0.5b",
+                  "llava-onevision-qwen2-7b")
+TRAIN_STAGES = ("projector", "full", "lora")
+TRAIN_DEFAULTS = dict(stage="full", epochs=1.0, batch_size=8, grad_accum=1, lr=2e-5, warmup_ratio=0.03,
+                      weight_decay=0.0, max_grad_norm=1.0, max_length=2048, lora_r=8, lora_alpha=16,
+                      lora_dropout=0.0, save_every=0, eval_every=0, keep_checkpoints=2, on_bad_data="fail", seed=0)
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "llava-shapes"
+# --threads auto: one thread for models this small. A step of theirs is mostly Python, so a second
+# thread gains nothing, and when another process holds a core every parallel op waits for the
+# descheduled thread. Measured on 2 cores, 1 vs 2 threads (medians of 3): the shipped model (3.8M
+# parameters) decoded 348 vs 363 tok/s idle but 317 vs 109 tok/s with one core busy, and trained 12
+# steps in 5.8 vs 5.4 s idle but 6.9 vs 47 s busy; a 0.9B OneVision-0.5B decoded 4.8 vs 7.8 tok/s
+# idle, so bigger models keep torch's default (OMP_NUM_THREADS, else one thread per core).
+TINY_MODEL_PARAMETERS = 50_000_000
 
 
 def default_model_dir() -> Path:
-    """The model used when --model is not given: llava-shapes, the tiny OneVision model shipped in the package.
+    """The model used when --model is not given: llava-shapes (SHIPPED_MODEL_NAME, a name every --model and
+    llavakit.load() accept), the tiny OneVision model shipped in the package.
 
     It was trained by llavakit (scripts/train_shapes_model.sh) on the synthetic shapes world, so it
     answers questions about flat coloured shapes and their motion, and nothing else.
@@ -42,12 +62,56 @@ def default_model_dir() -> Path:
     return SHIPPED_MODEL
 
 
+def default_threads(parameters: int) -> int | None:
+    """--threads auto: 1 for a model of under TINY_MODEL_PARAMETERS parameters, else None (torch's default).
+
+    An OMP_NUM_THREADS or TORCH_NUM_THREADS set in the environment is a choice too, and wins over auto.
+    """
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("TORCH_NUM_THREADS"):
+        return None
+    return 1 if parameters < TINY_MODEL_PARAMETERS else None
+
+
+def set_threads(threads: int | None, parameters: int | None = None) -> None:
+    """Apply --threads to torch (and llavakit's native kernels, which share its OpenMP pool).
+
+    threads: a count, or None for auto (see default_threads; needs the model's parameter count).
+    Call before the model runs and before any engine or server thread starts: OpenMP threads that
+    already ran keep the count they started with.
+    """
+    if threads is not None and threads < 1:
+        raise LlavakitError(f"--threads must be 1 or more, got {threads}.")
+    if threads is None and parameters is not None:
+        threads = default_threads(parameters)
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        # Inter-op threads run independent ops side by side (one per core by default); llavakit hardly
+        # uses them, but capping them too means --threads N is the most torch work running at once.
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # settable once per process, before any inter-op work: keep what is there
+        pass
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def _load(args):
     import llavakit
 
+    threads = getattr(args, "threads", None)  # `info` has no --threads
+    if threads is not None:
+        set_threads(threads)  # before loading, which runs torch ops too
     model = args.model or default_model_dir()
-    return llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
-                         quantize=args.quantize)
+    vlm = llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
+                        quantize=args.quantize)
+    if threads is None:
+        set_threads(None, _parameters(vlm.model))  # auto goes by the model's size
+    return vlm
 
 
 def _user_message(text: str, media: list[tuple[str, str]], args) -> dict:
@@ -83,39 +147,13 @@ def cmd_chat(args) -> int:
     if args.prompt is not None:
         _answer(vlm, system + [_user_message(args.prompt, attached, args)], args)
         return 0
-    history, pending = list(system), attached
-    print(HELP_INTERACTIVE, file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history, pending = list(system), []
-            continue
-        if line.startswith(("/image", "/video")):
-            kind, path = line[1:6], line[6:].strip()
-            if not Path(path).is_file():
-                print(f"error: no {kind} file at {path!r}", file=sys.stderr)
-                continue
-            pending.append((kind, path))
-            print(f"[attached {path}]", file=sys.stderr)
-            continue
-        message = _user_message(line, pending, args)
-        try:
-            reply = _answer(vlm, history + [message], args)
-        except LlavakitError as e:  # a bad image or prompt ends this turn, not the session
-            print(f"error: {e}", file=sys.stderr)
-            pending = []  # drop the attachments that failed, or every later turn would fail too
-            continue
-        history += [message, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
-        pending = []
+    from .engine.sampling import SamplingParams
+    from .repl import run
+
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              stop=tuple(args.stop))
+    return run(vlm, sampling, system, attached, lambda text, media: _user_message(text, media, args))
 
 
 _FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
@@ -203,8 +241,10 @@ def cmd_serve(args) -> int:
     except ImportError as e:  # fastapi, uvicorn, prometheus-client, llguidance
         raise LlavakitError(f"the server needs its extra dependencies: pip install 'llavakit[serve]' ({e}).") from e
     local = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
+    # Read here, not as the parser's default, so that `serve --help` never prints the key.
+    api_key = args.api_key or os.environ.get("LLAVAKIT_API_KEY") or None
     config = ServerConfig(
-        served_model_name=args.served_model_name or Path(str(args.model or "llavakit")).name,
+        served_model_name=args.served_model_name or Path(str(args.model or SHIPPED_MODEL_NAME)).name,
         max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
         max_videos_per_request=args.max_videos_per_request, max_image_pixels=args.max_image_pixels,
         max_video_frames=args.max_video_frames, max_video_seconds=args.max_video_seconds, max_n=args.max_n,
@@ -213,7 +253,7 @@ def cmd_serve(args) -> int:
         media_workers=args.media_workers, shutdown_timeout_s=args.shutdown_timeout,
         max_messages=args.max_messages, max_text_chars=args.max_text_chars, max_connections=args.max_connections,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-        keep_alive_timeout_s=args.keep_alive_timeout, api_key=args.api_key,
+        keep_alive_timeout_s=args.keep_alive_timeout, api_key=api_key,
         allowed_hosts=tuple(h for entry in args.allowed_hosts for h in entry.split(",")),
         allow_remote_media=args.allow_remote_media, remote_media_domains=tuple(args.remote_media_domain),
         remote_media_timeout_s=args.remote_media_timeout, remote_media_max_bytes=args.remote_media_max_bytes,
@@ -227,8 +267,9 @@ def cmd_serve(args) -> int:
 def cmd_convert(args) -> int:
     """Rewrite a checkpoint in the other format (llava-hf <-> original LLaVA)."""
     from .convert import convert
+    from .weights import resolve_model_dir
 
-    print(convert(Path(args.src), Path(args.dst), args.to, vision_tower=args.vision_tower,
+    print(convert(resolve_model_dir(args.src), Path(args.dst), args.to, vision_tower=args.vision_tower,
                   conv_template=args.conv_template))
     return 0
 
@@ -252,6 +293,8 @@ def cmd_batch(args) -> int:
     if args.ray:
         from .batch.ray_job import run_ray
 
+        if args.threads is not None:
+            raise LlavakitError("--threads applies to local runs; with --ray, size replicas with --cpus-per-replica.")
         model = args.model or str(default_model_dir())
         load_kwargs = dict(dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
                            quantize=args.quantize,
@@ -303,6 +346,23 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _checkpoint_parameters(name_or_path: str) -> int:
+    """Parameters stored in a checkpoint's safetensors files, from their headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    from .weights import resolve_model_dir
+
+    total = 0
+    for path in sorted(resolve_model_dir(name_or_path).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
 def cmd_train(args) -> int:
     """Train a checkpoint on a JSONL file (stage projector, full or lora)."""
     from .train.loop import TrainConfig, train
@@ -314,14 +374,13 @@ def cmd_train(args) -> int:
                       train_vision=args.train_vision, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, save_every=args.save_every, eval_every=args.eval_every,
                       keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data, seed=args.seed)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    model = args.model or SHIPPED_MODEL_NAME
+    set_threads(args.threads, None if args.threads is not None else _checkpoint_parameters(model))
     resume = True if args.resume == "latest" else (Path(args.resume) if args.resume else False)
-    summary = train(args.model, Path(args.data), Path(args.out), cfg,
+    summary = train(model, Path(args.data), Path(args.out), cfg,
                     eval_data=Path(args.eval_data) if args.eval_data else None, resume=resume,
-                    image_folder=Path(args.image_folder) if args.image_folder else None, device=args.device)
+                    image_folder=Path(args.image_folder) if args.image_folder else None, device=args.device,
+                    overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -347,13 +406,69 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, plus "(default: X)" after options whose help does not already speak of a default.
+
+    Options without a value to show (None, False, []) get nothing, and secrets are never defaults:
+    serve's --api-key reads $LLAVAKIT_API_KEY in cmd_serve, not in the parser.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not _shows_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    # Identity, not ==: a default of 0 or 0.0 is worth showing, and 0 == False.
+    return bool(action.option_strings) and not (action.default is None or action.default is False
+                                                or action.default == [] or action.default is argparse.SUPPRESS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; subcommands inherit it through parser_class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and _shows_default(action):  # argparse prints nothing for options without help
+            action.help = "default: %(default)s"
+        return action
+
+
+class _Version(argparse.Action):
+    """--version: `llavakit <version>`, read only when asked (the package metadata takes ~0.1 s to import)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"llavakit {__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llavakit", description="Run LLaVA-family vision-language models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="llavakit", description="Run LLaVA-family vision-language models.")
+    p.add_argument("--version", action=_Version, help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def threads_arg(sp):
+        sp.add_argument("--threads", type=int, metavar="N",
+                        help=f"torch threads (default: auto: 1 for models under {TINY_MODEL_PARAMETERS // 10**6}M "
+                        "parameters, which gain nothing from more and collapse when another process holds a core: "
+                        "llava-shapes decodes 348 vs 363 tok/s on 1 vs 2 idle cores, 317 vs 109 with one busy; "
+                        "bigger models get torch's default, $OMP_NUM_THREADS or one per core)")
 
     def model_args(sp):
-        sp.add_argument("--model", help="checkpoint folder or hub id (default: llava-shapes, the tiny shipped model "
-                        "that knows coloured shapes)")
+        sp.add_argument("--model", help=f"checkpoint folder, hub id (org/name) or {SHIPPED_MODEL_NAME} (default: "
+                        f"{SHIPPED_MODEL_NAME}, the tiny shipped model that knows coloured shapes; a folder of that "
+                        "name in the working directory is used instead)")
         sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
         sp.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
                         help="weight-only int8 or int4 (groups of 32) for the decoder and output head: 2x / 4x "
@@ -377,6 +492,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=1.0)
     chat.add_argument("--seed", type=int)
     chat.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    threads_arg(chat)
     chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="describe a checkpoint")
@@ -388,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert between the llava-hf and the original LLaVA format")
     conv.add_argument("--to", required=True, choices=["hf", "original"])
-    conv.add_argument("src")
+    conv.add_argument("src", help=f"checkpoint folder, hub id or {SHIPPED_MODEL_NAME}")
     conv.add_argument("dst")
     conv.add_argument("--vision-tower", help="original sources: the CLIP/SigLIP folder when not stored")
     conv.add_argument("--conv-template", help="original sources: the template to write as chat template")
@@ -396,9 +512,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rand = sub.add_parser("make-random", help="write a checkpoint with random weights")
     rand.add_argument("--out", required=True)
-    from .random_init import PRESETS
-
-    rand.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    rand.add_argument("--preset", default="tiny", choices=RANDOM_PRESETS)
     rand.add_argument("--layers", type=int, help="decoder depth (default: the preset's)")
     rand.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     rand.add_argument("--seed", type=int, default=0)
@@ -411,7 +525,8 @@ def _parser() -> argparse.ArgumentParser:
     model_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", help="model id in /v1/models (default: the folder's name)")
+    srv.add_argument("--served-model-name",
+                     help=f"model id in /v1/models (default: the folder's name; {SHIPPED_MODEL_NAME} without --model)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
     srv.add_argument("--kv-cache-bytes", type=int, help="KV cache budget (default: sized from the batch)")
@@ -449,7 +564,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds a request has to send its body (408 beyond)")
     srv.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s,
                      help="seconds an idle kept-alive connection stays open")
-    srv.add_argument("--api-key", default=os.environ.get("LLAVAKIT_API_KEY") or None,
+    srv.add_argument("--api-key",
                      help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAVAKIT_API_KEY; "
                           "/health, /metrics and the page stay open)")
     srv.add_argument("--allowed-hosts", action="append", default=[],
@@ -466,6 +581,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--remote-media-timeout", type=float, default=d.remote_media_timeout_s)
     srv.add_argument("--remote-media-max-bytes", type=int, default=d.remote_media_max_bytes)
     srv.add_argument("--allowed-local-media-path", help="serve file:// media URLs from below this folder")
+    threads_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
     shp = sub.add_parser("make-shapes", help="write the synthetic shapes world used to train and test tiny models")
@@ -502,6 +618,7 @@ def _parser() -> argparse.ArgumentParser:
     bat.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: CPUs per replica")
     bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
     bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
+    threads_arg(bat)
     bat.set_defaults(func=cmd_batch)
 
     ptw = sub.add_parser("pretrain-tower", help="pretrain a vision tower on the shapes world (what and where per patch)")
@@ -534,14 +651,13 @@ def _parser() -> argparse.ArgumentParser:
     ini.add_argument("--seed", type=int, default=0)
     ini.set_defaults(func=cmd_init)
 
-    from .train.loop import STAGES, TrainConfig
-
-    t = TrainConfig()
+    t = argparse.Namespace(**TRAIN_DEFAULTS)  # TrainConfig's defaults, without importing torch
     trn = sub.add_parser("train", help="visual instruction tuning on a JSONL file")
-    trn.add_argument("--model", required=True, help="checkpoint folder or hub id to start from")
+    trn.add_argument("--model", help=f"checkpoint folder, hub id or {SHIPPED_MODEL_NAME} to start from "
+                     f"(default: {SHIPPED_MODEL_NAME})")
     trn.add_argument("--data", required=True, help="JSONL: LLaVA 'conversations' or HF 'messages' records")
     trn.add_argument("--out", required=True, help="output folder (checkpoint-N folders and the final model)")
-    trn.add_argument("--stage", default=t.stage, choices=STAGES)
+    trn.add_argument("--stage", default=t.stage, choices=TRAIN_STAGES)
     trn.add_argument("--eval-data", help="held-out JSONL: loss at --eval-every steps and at the end")
     trn.add_argument("--image-folder", help="media paths are relative to this folder (default: the JSONL's)")
     trn.add_argument("--epochs", type=float, default=t.epochs)
@@ -568,7 +684,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a bad record (missing image, too long, marker count): stop (default) or skip it")
     trn.add_argument("--resume", nargs="?", const="latest",
                      help="continue from the newest checkpoint-N in --out, or from the folder given")
-    trn.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    trn.add_argument("--overwrite", action="store_true",
+                     help="start a new run in a non-empty --out: its files are replaced and its checkpoint-N "
+                     "folders removed (without this or --resume, a non-empty --out is refused)")
+    threads_arg(trn)
     trn.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     trn.add_argument("--seed", type=int, default=t.seed)
     trn.set_defaults(func=cmd_train)
@@ -585,6 +704,7 @@ def _parser() -> argparse.ArgumentParser:
     evl.add_argument("--limit", type=int, help="only the first N records")
     evl.add_argument("--max-new-tokens", type=int, default=48)
     evl.add_argument("--show-wrong", type=int, default=0, help="print up to N wrong answers")
+    threads_arg(evl)
     evl.set_defaults(func=cmd_eval)
     return p
 

@@ -64,14 +64,27 @@ def published_key(name: str) -> str:
     return name
 
 
+# Checkpoints shipped inside the package, by the name load() and every --model accept.
+# (llavakit/cli.py names the same folder without importing this module: it must start without torch.)
+SHIPPED_MODELS = {"llava-shapes": Path(__file__).parent / "assets" / "llava-shapes"}
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder, or a hub id fetched (or found in the local cache) with huggingface_hub."""
+    """A local checkpoint folder, a model shipped with llavakit by name (`llava-shapes`), or a hub id
+    fetched (or found in the local cache) with huggingface_hub, in that order.
+
+    An existing folder wins, as it does over a hub id: with a folder called llava-shapes in the working
+    directory, "llava-shapes" means that folder.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     text = str(name_or_path)
+    if text in SHIPPED_MODELS:
+        return SHIPPED_MODELS[text]
     if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise ConfigError(f"{text!r} is not a checkpoint folder; pass a folder with config.json or a hub id like org/name.")
+        raise ConfigError(f"{text!r} is not a checkpoint folder; pass a folder with config.json, a hub id like "
+                          f"org/name, or {', '.join(SHIPPED_MODELS)} (shipped with llavakit).")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -25,10 +25,10 @@ $LLAVAKIT init --family llava_onevision --out "$WORK/init" --seed "$SEED" --visi
     --text qwen2:hidden_size=256,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,intermediate_size=512,max_position_embeddings=2048 \
     --tokenizer-corpus "$WORK/data/train.jsonl" --tokenizer-corpus "$WORK/data/captions.jsonl" > /dev/null
 # Stage 1: only the projector (and the image newline) learn, on captions.
-$LLAVAKIT train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out "$WORK/stage1" --stage projector \
+$LLAVAKIT train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out "$WORK/stage1" --overwrite --stage projector \
     --max-steps 150 --batch-size 32 --lr 2e-3 --warmup-ratio 0.05 --seed "$SEED"
 # Stage 2: projector and language model learn on single questions, picture pairs and clips; the
 # pretrained tower stays frozen (trained through the language model's loss it forgets shapes' kinds).
-$LLAVAKIT train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" --stage full \
+$LLAVAKIT train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" --overwrite --stage full \
     --max-steps ${STEPS:-9000} --batch-size 32 --lr ${LR:-5e-4} --warmup-ratio 0.03 --bf16 --compile --seed "$SEED"
 $LLAVAKIT eval --model "$WORK/model" --data "$WORK/data/test.jsonl" --dtype float32 | tee "$WORK/eval.md"

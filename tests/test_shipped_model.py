@@ -15,7 +15,7 @@ import llavakit
 from llavakit.cli import SHIPPED_MODEL, default_model_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The README's example questions and the answers the shipped model gives (all right; the README's
+# The example questions of docs/shapes-world.md and the answers the shipped model gives (all right; its
 # accuracy table says how often it is right in general). The first is `make chat`'s.
 README_QUESTIONS = [
     (["--image", "picture.png"], "Describe the picture in one sentence.",

@@ -146,8 +146,10 @@ class RequestState:
             stop_at = self.stops.feed(new, len(self.text))
             self.text += new
         hold = 0 if stop_at is not None else self.stops.hold()
+        # A complete grammar allows only the end token next: stop now (ignore_eos too) instead of spending a step on it.
+        grammar_done = self.params.constraint is not None and self.params.constraint.finished()
         reason = None
-        if is_eos or stop_at is not None:
+        if is_eos or stop_at is not None or grammar_done:
             reason = "stop"
         elif len(self.ids) >= self.params.max_new_tokens:
             reason = "length"

@@ -35,6 +35,9 @@ class TokenConstraint(Protocol):
     def advance(self, token_id: int) -> None:
         """Record the token that was picked."""
 
+    def finished(self) -> bool:
+        """Whether nothing but the end token may follow: the request then ends with "stop" at once."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -10,6 +10,10 @@
 
 A run is a pure function of its arguments and seed: the data order of each epoch comes from
 (seed, epoch), so `resume` continues from a checkpoint to exactly the weights an uninterrupted run reaches.
+
+A non-empty output folder is refused (before the model or the data are read) unless the run resumes
+from it or is told to overwrite it: a finished model or a week's checkpoints are never lost to a
+mistyped --out.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LlavakitError
+from ..errors import ConfigError, LlavakitError
 from ..progress import StatusLine, clock
 from .data import DataError, Example, Record, collate, encode_example, read_records
 from .objective import enable_checkpointing, loss_sum
@@ -180,27 +184,71 @@ def _encode(proc, rec: Record, cfg: TrainConfig, log) -> Example | None:
         return None
 
 
-def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None) -> float:
-    """Mean loss per target token over `records` (no gradients)."""
+def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None, progress: bool = False,
+             label: str = "eval") -> float:
+    """Mean loss per target token over `records` (no gradients).
+
+    progress: a status line "[label done/total] loss so far | elapsed < remaining" on stderr, as the
+    training loop shows, ended when the evaluation is (an evaluation of thousands of records takes
+    minutes: the user sees it move).
+    """
     model = vlm.model
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    status, started = StatusLine() if progress else None, time.perf_counter()
     with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for i in range(0, len(records), cfg.batch_size):
             examples = [e for r in records[i:i + cfg.batch_size] if (e := _encode(vlm.processor, r, cfg, lambda _: None))]
             if examples:
                 s, n = loss_sum(model, collate(examples, vlm.processor.pad_token_id))
                 total, count = total + s.item(), count + n
+            done = min(i + cfg.batch_size, len(records))
+            if status is not None and (status.due() or done == len(records)):
+                elapsed = time.perf_counter() - started
+                eta = elapsed / done * (len(records) - done)
+                text = (f"[{label} {done}/{len(records)} {100 * done / len(records):5.1f}%] loss "
+                        f"{total / max(count, 1):.4f} | {clock(elapsed)} < {clock(eta)}")
+                if done == len(records):
+                    status.close(text)
+                else:
+                    status.show(text)
     model.train(was_training)
     return total / max(count, 1)
 
 
+def check_out(out: Path, overwrite: bool = False, resume: bool | Path = False) -> None:
+    """Refuse an output folder that would be clobbered; reads the folder's listing only, writes nothing.
+
+    A missing or empty folder is fine; a non-empty one only with `overwrite` (this run's files
+    replace the earlier run's, whose checkpoint-N folders are removed once training starts) or
+    `resume`, and then only if `train` wrote it (it holds a trainer_state.pt of its own or in a
+    checkpoint-N): resuming continues a run in its own folder, never in someone else's.
+    """
+    out = Path(out)
+    if overwrite and resume:
+        raise ConfigError(f"--overwrite and --resume contradict each other: --resume continues the run in --out "
+                          f"{out}, --overwrite starts a new one there; pass one of them.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder (missing or empty) for the run.")
+    if overwrite or not (out.is_dir() and any(out.iterdir())):
+        return
+    if not resume:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to start a new run there (its files are "
+                          "replaced), or --resume to continue from its newest checkpoint, or choose another folder.")
+    if not ((out / STATE_FILE).is_file() or any((c / STATE_FILE).is_file() for c in out.glob("checkpoint-*"))):
+        raise ConfigError(f"--out {out} is not empty and no `llavakit train` run wrote it (no {STATE_FILE}); "
+                          "--resume continues a run in its own folder: pass --overwrite to start a new run there, "
+                          "or choose another folder.")
+
+
 def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_data: Path | None = None,
           resume: bool | Path = False, image_folder: Path | None = None, log=None, progress: bool = True,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", overwrite: bool = False) -> dict:
     """Run a training job; returns a summary (steps, losses, time). See the module docstring.
 
+    resume: True continues from the newest checkpoint-N in `out`, a path from that checkpoint.
+    overwrite: start a new run in a non-empty `out` (see `check_out`); ConfigError without it or resume.
     device: where the model trains ("cpu", "cuda", ...); weights and optimizer state stay float32.
     """
     import llavakit
@@ -211,6 +259,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
     if cfg.stage not in STAGES:
         raise TrainError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}.")
     out = Path(out)
+    check_out(out, overwrite, resume)
     start_from = _resume_dir(out, resume)
     if start_from is not None:
         saved = json.loads((start_from / "train_config.json").read_text())
@@ -251,6 +300,12 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
         state = _load_state(start_from, opt, sched)
         log(f"[llavakit] resuming from {start_from} at step {state.step}/{total}")
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        # Only now, with the model and the data checked: an earlier run's checkpoint-N would be resumed
+        # from, or kept by _prune over this run's own (higher step numbers win).
+        for old in out.glob("checkpoint-*"):
+            if (old / STATE_FILE).is_file():
+                shutil.rmtree(old)
     log(f"[llavakit] stage {cfg.stage}: {sum(p.numel() for _, p in named):,} trainable parameters "
         f"({len(trainable)} tensors{', + LoRA' if adapters is not None else ''}), {len(records)} records, "
         f"{total} steps of {micro} conversations")
@@ -299,14 +354,13 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
             else:
                 status.show(text)
         if cfg.eval_every and eval_records and state.step % cfg.eval_every == 0 and state.step < total:
-            last_eval = evaluate(vlm, eval_records, cfg)
-            if status is not None:
-                status.note(f"[llavakit] step {state.step}: eval loss {last_eval:.4f}")
+            # Its own status line, ended with the loss, replaces the training's until the next step.
+            last_eval = evaluate(vlm, eval_records, cfg, progress=progress, label=f"step {state.step}: eval")
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
             _save(vlm, adapters, out / f"checkpoint-{state.step}", cfg, state, opt, sched, model_dir)
             _prune(out, cfg.keep_checkpoints)
     if eval_records:
-        last_eval = evaluate(vlm, eval_records, cfg)
+        last_eval = evaluate(vlm, eval_records, cfg, progress=progress)
         log(f"[llavakit] eval loss {last_eval:.4f} on {len(eval_records)} records")
     _save(vlm, adapters, out, cfg, state, opt, sched, model_dir)
     elapsed = time.perf_counter() - started

@@ -354,7 +354,7 @@ def _ask(scene: Scene, qtype: str, rng: random.Random, geo: Geometry, balance: _
     lookup at the name's own token (the same token as in the question), and the plain questions
     then reuse it at the question's name. Only the first word after the name is read this way:
     in "the circle top left" the column came out wrong far more often than the row (stage 2 at
-    lr 1e-3; at the shipped 5e-4 "where" reaches 98%, see the README's training section). Hence the
+    lr 1e-3; at the shipped 5e-4 "where" reaches 98%, see docs/shapes-world.md). Hence the
     "where" and "colors" questions, and position answers that first give the one word that
     matters for each shape, its column or its row ("the circle left; the square middle; so left").
     """

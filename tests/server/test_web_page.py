@@ -1,8 +1,8 @@
 """The web chat page at `/`, end to end: a live `llavakit serve` driven through headless Chromium.
 
-One server with the default model (and a small --max-image-pixels, so that an oversized image
-is refused), plus the server tests' OneVision server for video; one browser, and each test opens
-the page in a fresh browser context. Playwright's request
+One server with the default model (and a small --max-image-pixels and --max-body-bytes, so that
+an oversized image or message is refused), plus the server tests' OneVision server for video; one
+browser, and each test opens the page in a fresh browser context (so a fresh localStorage). Playwright's request
 interception records every chat request the page sends (and, where a test needs long answers,
 adds `ignore_eos`). Screenshots of every step go to $LLAVAKIT_SCREENSHOTS, or a temporary folder.
 Needs `playwright` (the test extra) and Debian's `chromium` on PATH; skipped without them.
@@ -34,6 +34,7 @@ PICTURE = Path(__file__).resolve().parents[2] / "examples" / "picture.png"
 QUESTION = "How many shapes are there?"
 MAX_IMAGE_PIXELS = 1_000_000  # examples/picture.png (96x96) passes, BIG_IMAGE does not
 BIG_IMAGE = (1200, 1000)
+MAX_BODY_BYTES = 1_000_000  # what the tests send fits; a noisy 700x700 PNG (about 1.5 MB) does not
 ANSWER_TIMEOUT_MS = 30_000
 STEP_TIMEOUT_MS = 10_000
 PAGE_BUDGET_BYTES = 40_000
@@ -54,7 +55,8 @@ def live(tmp_path_factory):
     from llavakit.cli import default_model_dir
 
     log = tmp_path_factory.mktemp("web_page") / "server.log"
-    s = Server(default_model_dir(), "web-page", ["--max-image-pixels", str(MAX_IMAGE_PIXELS)], log)
+    s = Server(default_model_dir(), "web-page",
+               ["--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES)], log)
     yield s
     assert s.stop() == 0, s.log_tail()
 
@@ -137,6 +139,21 @@ class Chat:
     def attach(self, path_or_png) -> None:
         self.page.locator("#files").set_input_files(path_or_png)
 
+    def error(self, index: int):
+        """(sentence, detail) of the error shown for answer `index`."""
+        error = self.page.locator(".msg.assistant").nth(index).locator(".error")
+        expect(error).to_be_visible()
+        detail = error.locator(".detail")
+        return error.locator(".message").inner_text(), detail.inner_text() if detail.count() else ""
+
+    def fake_answers(self, handler):
+        """Answer the page's chat requests with `handler(route)` instead of the server (None: the server again)."""
+        if getattr(self, "_fake", None):
+            self.page.unroute("**/v1/chat/completions", self._fake)
+        self._fake = handler
+        if handler:
+            self.page.route("**/v1/chat/completions", handler)  # the latest route is tried first
+
 
 @pytest.fixture
 def chat(browser, live, shots, request):
@@ -151,10 +168,28 @@ def chat(browser, live, shots, request):
     assert not c.problems, c.problems
 
 
-def png_file(size: tuple[int, int], name: str) -> dict:
+def png_file(size: tuple[int, int], name: str, noise: bool = False) -> dict:
+    """A PNG file for set_input_files: one colour, or random pixels (which PNG cannot compress)."""
     buf = io.BytesIO()
-    Image.new("RGB", size, (200, 40, 40)).save(buf, "PNG")
+    if noise:
+        Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(buf, "PNG")
+    else:
+        Image.new("RGB", size, (200, 40, 40)).save(buf, "PNG")
     return {"name": name, "mimeType": "image/png", "buffer": buf.getvalue()}
+
+
+def shows_a_frame(video) -> bool:
+    """Whether a <video> has decoded a frame that is not blank (its pixels drawn to a canvas)."""
+    return video.evaluate("""(v) => {
+        if (v.readyState < 2 || !v.videoWidth) return false;
+        const c = document.createElement("canvas");
+        c.width = v.videoWidth; c.height = v.videoHeight;
+        const g = c.getContext("2d");
+        g.drawImage(v, 0, 0);
+        const px = g.getImageData(0, 0, c.width, c.height).data;
+        for (let i = 0; i < px.length; i += 4) if (px[i] + px[i + 1] + px[i + 2] > 60) return true;
+        return false;
+    }""")
 
 
 def user_texts(messages: list[dict]) -> list[str]:
@@ -238,6 +273,14 @@ def test_image_question_streams_an_answer_then_a_second_turn_sends_the_whole_con
     parts = sent["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["image_url", "text"]
     assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PICTURE.read_bytes()).decode()
+
+    # Each answer has a Copy button; it puts the answer's text on the clipboard and says so.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=chat.live.url)
+    copy = page.get_by_role("button", name="Copy answer")
+    expect(copy).to_have_count(1)
+    copy.click()
+    expect(page.locator(".msg.assistant .copied").nth(0)).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == first
     chat.shot("first-answer")
 
     # Second turn; model and user text is shown as text, never parsed as HTML.
@@ -254,6 +297,10 @@ def test_image_question_streams_an_answer_then_a_second_turn_sends_the_whole_con
     assert user.inner_text() == tricky and user.locator("img, b").count() == 0
     assert page.evaluate("window.__pwned") is None
     assert page.locator(".answer").nth(0).inner_text() == first  # earlier turns stay as they were
+    expect(page.get_by_role("button", name="Copy answer")).to_have_count(2)
+    page.get_by_role("button", name="Copy answer").nth(1).click()
+    expect(page.locator(".msg.assistant .copied").nth(1)).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == second
     chat.shot("second-answer")
 
 
@@ -305,11 +352,12 @@ def test_errors_are_shown_and_the_conversation_survives_them(chat):
     chat.attach(png_file(BIG_IMAGE, "big.png"))
     chat.ask(QUESTION)
     chat.wait_answer(0, status="error")
-    error = page.locator(".error").nth(0)
-    expect(error).to_be_visible()
+    # The server's message as a sentence; the status and the field at fault small beside it.
     w, h = BIG_IMAGE
-    expect(error).to_contain_text(f"400 Bad Request: messages[0].content[0].image_url: the image is {w}x{h} = "
-                                  f"{w * h} pixels")
+    assert chat.error(0) == (f"The image is {w}x{h} = {w * h} pixels, more than this server's limit of "
+                             f"{MAX_IMAGE_PIXELS}; send a smaller image.",
+                             "HTTP 400 Bad Request · messages[0].content[0].image_url")
+    assert page.locator(".error").nth(0).get_attribute("title") == chat.error(0)[1]
     chat.shot("image-too-large")
     page.get_by_role("button", name="Edit").click()
     expect(page.locator(".exchange")).to_have_count(0)
@@ -326,7 +374,9 @@ def test_errors_are_shown_and_the_conversation_survives_them(chat):
     chat.set_setting("Max tokens", 100000)
     chat.ask("And now?")
     chat.wait_answer(1, status="error")
-    expect(page.locator(".error").nth(1)).to_contain_text("Lower max_tokens")
+    message, detail = chat.error(1)
+    assert message.startswith("This model's context is ") and re.search(r"Lower max_tokens to at most \d+\.$", message)
+    assert detail == "HTTP 400 Bad Request · max_tokens", detail
     assert page.locator(".answer").nth(0).inner_text() == first
     chat.shot("max-tokens-too-large")
     chat.set_setting("Max tokens", 16)
@@ -345,6 +395,103 @@ def test_errors_are_shown_and_the_conversation_survives_them(chat):
     texts = user_texts(chat.requests[-1]["messages"])
     assert "This one fails." not in texts and texts[-1] == "This one works." and len(texts) == 5
     chat.shot("after-errors")
+
+
+def test_too_large_busy_and_unreachable_read_as_sentences(chat):
+    page = chat.page
+    # A real 413: a message over --max-body-bytes.
+    chat.attach(png_file((700, 700), "noise.png", noise=True))
+    chat.ask(QUESTION)
+    chat.wait_answer(0, status="error")
+    limit_mb = round(MAX_BODY_BYTES / 2**20, 1)
+    assert chat.error(0) == (f"The attachments are too large for this server (at most {limit_mb:g} MB a message): "
+                             "send smaller or fewer of them.", "HTTP 413 Request Entity Too Large")
+    chat.shot("too-large")
+
+    # 429 and 503 (as the server sends them, with Retry-After), and no answer at all.
+    def busy(status, reason, retry):
+        return lambda route: route.fulfill(status=status, headers={"Retry-After": retry}, content_type="application/json",
+                                           body=json.dumps({"error": {"message": reason, "type": "x", "code": None}}))
+    chat.fake_answers(busy(429, "too many requests in flight (64); retry shortly.", "3"))
+    chat.ask("Busy?")
+    chat.wait_answer(1, status="error")
+    assert chat.error(1) == ("The server is busy; try again in 3 s.", "HTTP 429 Too Many Requests")
+    chat.fake_answers(busy(503, "the server is shutting down", "1"))
+    page.get_by_role("button", name="Retry").click()
+    chat.wait_answer(1, status="error")
+    assert chat.error(1) == ("The server is busy; try again in 1 s.", "HTTP 503 Service Unavailable")
+    chat.fake_answers(lambda route: route.abort("connectionrefused"))
+    page.get_by_role("button", name="Retry").click()
+    chat.wait_answer(1, status="error")
+    message, _ = chat.error(1)
+    assert message.startswith("Could not reach the server") and message.endswith("."), message
+    chat.shot("unreachable")
+    chat.fake_answers(None)
+    page.get_by_role("button", name="Retry").click()
+    assert chat.wait_answer(1).strip()
+    expect(page.locator(".msg.assistant").nth(1).locator(".error")).to_be_hidden()
+
+
+def test_the_conversation_survives_a_reload_and_clear_forgets_it(chat):
+    page = chat.page
+    chat.attach(PICTURE)
+    chat.ask(QUESTION)
+    first = chat.wait_answer(0)
+    check_answer(first)
+    page.reload()
+    expect(page.locator("#model")).to_contain_text("web-page")
+    expect(page.locator(".exchange")).to_have_count(1)
+    expect(page.locator(".msg.user .text")).to_have_text(QUESTION)
+    expect(page.locator(".msg.user img")).to_have_count(1)
+    assert page.locator(".msg.user img").evaluate("(img) => img.complete && img.naturalWidth") == 96
+    assert chat.wait_answer(0) == first
+    expect(page.locator(".stats").nth(0)).to_contain_text("completion tokens")
+    expect(page.locator("#empty")).to_be_hidden()
+    chat.shot("reloaded")
+
+    # The follow-up sends the whole conversation, the restored image included.
+    chat.ask("And now?")
+    chat.wait_answer(1)
+    messages = chat.requests[-1]["messages"]
+    assert messages[0] == chat.requests[0]["messages"][0] and messages[1] == {"role": "assistant", "content": first}
+    assert user_texts(messages) == [QUESTION, first, "And now?"]
+
+    page.get_by_role("button", name="Clear conversation").click()
+    expect(page.locator(".exchange")).to_have_count(0)
+    page.reload()
+    expect(page.locator("#model")).to_contain_text("web-page")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator(".exchange")).to_have_count(0)
+    assert page.evaluate("localStorage.length") == 0
+    chat.shot("cleared-and-reloaded")
+
+
+def test_a_full_browser_storage_keeps_the_texts_without_the_media(chat):
+    page = chat.page
+    # localStorage refuses anything holding a data URL, as a full one would.
+    page.add_init_script("""(() => {
+        const setItem = Storage.prototype.setItem;
+        Storage.prototype.setItem = function (key, value) {
+            if (String(value).includes("data:")) throw new DOMException("full", "QuotaExceededError");
+            return setItem.call(this, key, value);
+        };
+    })()""")
+    page.reload()
+    expect(page.locator("#model")).to_contain_text("web-page")
+    chat.attach(PICTURE)
+    chat.ask(QUESTION)
+    first = chat.wait_answer(0)
+    expect(page.locator("#notice")).to_contain_text("only the texts will be left")
+    page.reload()
+    expect(page.locator("#model")).to_contain_text("web-page")
+    expect(page.locator(".msg.user .text")).to_have_text(QUESTION)
+    expect(page.get_by_role("img", name="Image: picture.png (not kept)")).to_be_visible()
+    assert chat.wait_answer(0) == first
+    chat.shot("media-not-kept")
+    chat.ask("And now?")
+    chat.wait_answer(1)
+    assert chat.requests[-1]["messages"][:2] == [{"role": "user", "content": QUESTION},
+                                                 {"role": "assistant", "content": first}]
 
 
 def test_drop_and_paste_attach_images_and_unsupported_files_are_refused(chat):
@@ -394,13 +541,25 @@ def test_video_model_takes_a_video(browser, server, shots, request):
         expect(page.locator("#model")).to_contain_text("onevision · LLaVA-OneVision")
         assert page.locator("#files").get_attribute("accept") == "image/*,video/*"
         expect(page.locator("label.attach")).to_contain_text("Add image or video")
+        # A clip this browser cannot decode gets a labelled box instead of a blank square.
+        chat.attach({"name": "broken.mp4", "mimeType": "video/mp4", "buffer": b"not a video"})
+        expect(page.get_by_role("img", name="Video: broken.mp4 (no preview)")).to_be_visible()
+        page.get_by_role("button", name="Remove broken.mp4").click()
         clip = mp4_bytes()
         chat.attach({"name": "clip.mp4", "mimeType": "video/mp4", "buffer": clip})
         expect(page.locator("#attachments video")).to_have_count(1)
+        # The preview shows a frame of the clip, not a blank square.
+        preview = page.get_by_label("Video: clip.mp4")
+        page.wait_for_function("(v) => v.readyState >= 2 && v.videoWidth > 0", arg=preview.element_handle())
+        assert shows_a_frame(preview)
+        chat.shot("attached")
         chat.set_setting("Max tokens", 8)
         chat.ask("What happens in the video?")
         chat.wait_answer(0)
-        expect(page.locator(".msg.user video")).to_have_count(1)
+        sent = page.locator(".msg.user video")
+        expect(sent).to_have_count(1)
+        page.wait_for_function("(v) => v.readyState >= 2 && v.videoWidth > 0", arg=sent.element_handle())
+        assert shows_a_frame(sent)
         chat.shot("answered")
         part = chat.requests[0]["messages"][0]["content"][0]
         url = "data:video/mp4;base64," + base64.b64encode(clip).decode()

@@ -1,4 +1,5 @@
-"""The training loop end to end on a tiny model: stages, loss going down, resume, LoRA, bad data, init."""
+"""The training loop end to end on a tiny model: stages, loss going down, resume, LoRA, bad data, init,
+the output folder guard and evaluation progress."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import llavakit
 from llavakit.cli import main
+from llavakit.errors import ConfigError
 from llavakit.train import lora
 from llavakit.train.assemble import init_checkpoint
 from llavakit.train.loop import TrainConfig, TrainError, train
@@ -214,3 +216,79 @@ def test_structured_vision_init_starts_from_colours_and_places(base, tmp_path):
     assert torch.equal(pos[0, 12:22], pos[4, 12:22])  # the column code: patches 0 and 4 share a column
     with pytest.raises(Exception, match="vision-init must be random or structured"):
         init_checkpoint(tmp_path / "t", "llava_onevision", VISION, TEXT, corpus=[data], vision_init="nope")
+
+
+# ─────────────────────────── the output folder: refused, overwritten, resumed ───────────────────────────
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder`: relative name -> (size, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--stage", "projector",
+            "--max-steps", "2", "--batch-size", "2", *extra]
+
+
+def test_a_non_empty_out_is_refused_before_any_work_and_left_untouched(base, tmp_path, capsys, monkeypatch):
+    model, data = base
+    out = tmp_path / "taken"
+    (out / "checkpoint-7").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"a week of training")
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-7" / "weights.bin").write_bytes(b"\0" * 100)
+    before = _listing(out)
+
+    def no_work(*_, **__):
+        raise AssertionError("the refusal must come before the model or the data are read")
+
+    monkeypatch.setattr(llavakit, "load", no_work)
+    monkeypatch.setattr("llavakit.train.loop.load_dataset", no_work)
+    for extra in [(), ("--resume",), ("--overwrite", "--resume")]:
+        assert main(_train_args(model, data, out, *extra)) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(out) in err and "--overwrite" in err and "--resume" in err, err
+    assert _listing(out) == before
+    with pytest.raises(ConfigError, match="is not empty"):
+        train(model, data, out, TrainConfig(max_steps=1), log=_quiet, progress=False)
+    assert _listing(out) == before
+    (tmp_path / "a-file").write_text("x")
+    assert main(_train_args(model, data, tmp_path / "a-file")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_overwrite_starts_a_new_run_and_resume_continues_the_run_in_out(base, tmp_path, capsys):
+    model, data = base
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    stale = out / "checkpoint-99"  # an earlier run's checkpoint: it would outrank this run's in _prune and --resume
+    stale.mkdir()
+    (stale / "trainer_state.pt").write_bytes(b"old")
+    assert main(_train_args(model, data, out, "--overwrite", "--save-every", "1")) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert not stale.exists() and (out / "checkpoint-1" / "trainer_state.pt").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+    # --resume continues from the newest checkpoint in --out (step 1 of 2), with the same options
+    assert main(_train_args(model, data, out, "--save-every", "1", "--resume")) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["steps"] == 2 and "resuming from" in captured.err and "checkpoint-1" in captured.err
+    # an empty or missing --out needs neither flag
+    (tmp_path / "empty").mkdir()
+    assert main(_train_args(model, data, tmp_path / "empty")) == 0
+    capsys.readouterr()
+
+
+def test_the_evaluations_show_progress(base, tmp_path, capsys, monkeypatch):
+    model, data = base  # 12 records: 3 evaluation batches of 4
+    monkeypatch.setattr("llavakit.progress.StatusLine.due", lambda self: True)  # every update, not every 10 s
+    cfg = TrainConfig(stage="projector", max_steps=2, batch_size=4, eval_every=1, seed=0)
+    summary = train(model, data, tmp_path / "e", cfg, eval_data=data, log=_quiet, progress=True)
+    err = capsys.readouterr().err
+    for done in (4, 8):
+        assert f"[step 1: eval {done}/12 " in err and f"[eval {done}/12 " in err
+    final = [line for line in err.splitlines() if line.startswith("[eval 12/12 100.0%]")]
+    assert len(final) == 1 and f"loss {summary['eval_loss']:.4f}" in final[0]
+    train(model, data, tmp_path / "quiet", cfg, eval_data=data, log=_quiet, progress=False)
+    assert "eval" not in capsys.readouterr().err

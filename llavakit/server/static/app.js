@@ -1,7 +1,8 @@
 // The llavakit chat page. It talks only to this server's OpenAI-compatible API:
 //   GET /v1/models             model name, family, context length, whether it takes video
 //   POST /v1/chat/completions  the whole conversation each turn, streamed (SSE) with usage
-// Every model and user string reaches the page through textContent, never as HTML.
+// Every model and user string reaches the page through textContent, never as HTML. The conversation
+// is kept in this browser's localStorage (one copy per server and model) so that it survives a reload.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,6 +14,7 @@ const ui = {
   keyForm: $("key-form"), apiKey: $("api-key"),
 };
 const KEY_STORE = "llavakit-api-key";
+const CHAT_STORE = "llavakit-chat";
 const FAMILIES = { llava: "LLaVA-1.5", llava_next: "LLaVA-NeXT", llava_onevision: "LLaVA-OneVision" };
 const MIME = {
   png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
@@ -24,8 +26,9 @@ const state = {
   model: null,      // the /v1/models card
   video: false,     // the model takes video_url parts
   pending: [],      // attachments of the message being written: {kind, name, url}
-  exchanges: [],    // {text, media, answer, status, error, stats, el: {...}}
+  exchanges: [],    // {text, media, answer, status, error, errorDetail, stats, el: {...}}
   controller: null, // AbortController of the answer being streamed
+  mediaDropped: false, // the stored copy had to leave the attachments out (storage full)
 };
 
 // ───────────────────────────── small helpers ─────────────────────────────
@@ -65,10 +68,31 @@ function readDataURL(file, mime) {
   });
 }
 
+// A box with a few words where a preview cannot be shown.
+function placeholder(item, why, words) {
+  const kind = item.kind === "video" ? "Video" : "Image";
+  return el("span", { class: "missing", role: "img", "aria-label": `${kind}: ${item.name} (${why})`, title: item.name,
+    textContent: `${kind} ${words}` });
+}
+
 function thumb(item) {
   const label = `${item.kind === "video" ? "Video" : "Image"}: ${item.name}`;
-  if (item.kind === "video") return el("video", { src: item.url, muted: true, preload: "metadata", title: label, "aria-label": label });
+  if (!item.url) return placeholder(item, "not kept", "not kept"); // left out of the stored conversation
+  if (item.kind === "video") {
+    const video = el("video", { src: item.url, muted: true, playsInline: true, preload: "metadata", title: label,
+      "aria-label": label });
+    // Some browsers paint nothing until asked for a frame: seeking a little into the clip decodes one.
+    video.addEventListener("loadedmetadata", () => { video.currentTime = Math.min(0.1, video.duration / 2 || 0); },
+      { once: true });
+    // A codec this browser lacks: say so rather than leave an empty square (the server may still read it).
+    video.addEventListener("error", () => video.replaceWith(placeholder(item, "no preview", "(no preview)")));
+    return video;
+  }
   return el("img", { src: item.url, alt: label, title: item.name });
+}
+
+function mediaItem(item) {
+  return el("li", { class: item.kind }, thumb(item));
 }
 
 // ───────────────────────────── the API key ─────────────────────────────
@@ -107,7 +131,7 @@ async function loadModel() {
       askForKey("Enter the server's API key to chat.");
       return;
     }
-    if (!res.ok) throw new Error(await errorText(res));
+    if (!res.ok) throw await apiError(res);
     const card = (await res.json()).data[0];
     state.model = card;
     state.video = (card.input_modalities || []).includes("video");
@@ -121,8 +145,12 @@ async function loadModel() {
       ui.attachLabel.textContent = "Add image or video";
     }
   } catch (e) {
-    ui.model.textContent = `Could not read the model from /v1/models: ${e.message}`;
+    const err = asApiError(e);
+    ui.model.textContent = `Could not read the model from /v1/models. ${err.message}`;
+    ui.model.title = err.detail;
+    return;
   }
+  restoreConversation();
 }
 
 // ───────────────────────────── attachments ─────────────────────────────
@@ -157,15 +185,19 @@ function renderPending() {
       const next = ui.attachments.querySelector(".remove");
       (next || ui.prompt).focus();
     });
-    return el("li", {}, thumb(item), remove);
+    const li = mediaItem(item);
+    li.append(remove);
+    return li;
   }));
 }
 
 // ───────────────────────────── the conversation ─────────────────────────────
 
+// Attachments the browser could not keep (storage full) are left out.
 function content(ex) {
-  if (!ex.media.length) return ex.text;
-  const parts = ex.media.map((m) => (m.kind === "image"
+  const media = ex.media.filter((m) => m.url);
+  if (!media.length) return ex.text;
+  const parts = media.map((m) => (m.kind === "image"
     ? { type: "image_url", image_url: { url: m.url } }
     : { type: "video_url", video_url: { url: m.url } }));
   if (ex.text) parts.push({ type: "text", text: ex.text });
@@ -177,7 +209,7 @@ function messages(current) {
   const out = [];
   for (const ex of state.exchanges) {
     if (ex === current) break;
-    if (ex.status === "error") continue;
+    if (ex.status === "error" || !content(ex).length) continue;
     out.push({ role: "user", content: content(ex) }, { role: "assistant", content: ex.answer });
   }
   out.push({ role: "user", content: content(current) });
@@ -198,7 +230,7 @@ function settings() {
 function renderExchange(ex) {
   const user = el("div", { class: "msg user" }, el("span", { class: "who", textContent: "You" }));
   if (ex.media.length) user.append(el("ul", { class: "media", "aria-label": "Attachments" },
-    ...ex.media.map((m) => el("li", {}, thumb(m)))));
+    ...ex.media.map(mediaItem)));
   user.append(el("p", { class: "text", textContent: ex.text }));
   ex.el = {
     answer: el("p", { class: "text answer" }),
@@ -219,21 +251,56 @@ function renderAnswer(ex) {
   ex.el.box.classList.toggle("streaming", ex.status === "streaming");
   ex.el.box.dataset.status = ex.status;
   ex.el.error.hidden = !ex.error;
-  ex.el.error.textContent = ex.error ? `Error: ${ex.error}` : "";
+  ex.el.error.title = ex.errorDetail || "";
+  ex.el.error.replaceChildren();
+  if (ex.error) {
+    ex.el.error.append(el("span", { class: "message", textContent: ex.error }));
+    if (ex.errorDetail) ex.el.error.append(" ", el("small", { class: "detail", textContent: ex.errorDetail }));
+  }
   ex.el.stats.textContent = ex.stats || "";
 }
 
+// Copy on every answer with text; Regenerate (Retry) and Edit on the last one while nothing streams.
 function renderActions() {
   const last = state.exchanges[state.exchanges.length - 1];
   for (const ex of state.exchanges) {
     ex.el.actions.replaceChildren();
+    if (ex.answer && ex.status !== "streaming") {
+      const copy = el("button", { type: "button", class: "secondary copy", textContent: "Copy",
+        "aria-label": "Copy answer" });
+      const done = el("span", { class: "copied", role: "status" });
+      copy.addEventListener("click", () => copyAnswer(ex, done));
+      ex.el.actions.append(copy, done);
+    }
     if (ex !== last || state.controller) continue;
     const again = el("button", { type: "button", class: "secondary regenerate",
       textContent: ex.status === "error" ? "Retry" : "Regenerate" });
     again.addEventListener("click", () => ask(ex));
     const edit = el("button", { type: "button", class: "secondary edit", textContent: "Edit" });
     edit.addEventListener("click", () => editLast(ex));
-    ex.el.actions.append(again, edit);
+    ex.el.actions.prepend(again, edit);
+  }
+}
+
+// The Clipboard API needs a secure context (https, or localhost); elsewhere the answer is selected
+// and copied the old way.
+async function copyAnswer(ex, done) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(ex.answer);
+    } else {
+      const range = document.createRange();
+      range.selectNodeContents(ex.el.answer);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      const copied = document.execCommand("copy");
+      getSelection().removeAllRanges();
+      if (!copied) throw new Error("refused");
+    }
+    done.textContent = "Copied";
+    setTimeout(() => { done.textContent = ""; }, 2500);
+  } catch {
+    notice("Could not copy the answer: select it and press Ctrl+C.");
   }
 }
 
@@ -267,14 +334,17 @@ function editLast(ex) {
   state.pending = ex.media.concat(state.pending);
   renderPending();
   renderActions();
+  saveConversation();
   ui.prompt.focus();
 }
 
 function clearConversation() {
   if (state.controller) state.controller.abort();
   state.exchanges = [];
+  state.mediaDropped = false;
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
+  saveConversation();
   notice("");
   ui.prompt.focus();
 }
@@ -284,27 +354,116 @@ function send() {
   const text = ui.prompt.value.trim();
   if (!text && !state.pending.length) { ui.prompt.focus(); return; }
   if (document.activeElement === ui.send) ui.prompt.focus(); // Send hides while the answer streams
-  const ex = { text, media: state.pending, answer: "", status: "", error: null, stats: null, el: null };
+  const ex = { text, media: state.pending, answer: "", status: "", error: null, errorDetail: null, stats: null, el: null };
   state.pending = [];
   ui.prompt.value = "";
   renderPending();
   state.exchanges.push(ex);
   renderExchange(ex);
   ask(ex);
+  saveConversation(); // the question is kept even if the page goes away before the answer
+}
+
+// ───────────────────────────── keeping the conversation ─────────────────────────────
+
+// One copy per server and model, in localStorage (about 5 MB per site). When the attachments do
+// not fit, the texts are kept without them, with a notice.
+function storeKey() {
+  return state.model ? `${CHAT_STORE}:${location.origin}:${state.model.id}` : null;
+}
+
+function saveConversation() {
+  const key = storeKey();
+  if (!key) return;
+  const saved = (withMedia) => JSON.stringify(state.exchanges.map((ex) => ({
+    text: ex.text, answer: ex.answer, status: ex.status, error: ex.error, errorDetail: ex.errorDetail,
+    stats: ex.stats, media: ex.media.map((m) => ({ kind: m.kind, name: m.name, url: withMedia ? m.url : null })),
+  })));
+  try {
+    if (!state.exchanges.length) { localStorage.removeItem(key); return; }
+    try {
+      localStorage.setItem(key, saved(true));
+    } catch (e) {
+      if (!(e instanceof DOMException && (e.name === "QuotaExceededError" || e.code === 22))) throw e;
+      localStorage.setItem(key, saved(false));
+      if (!state.mediaDropped) notice("The attachments are too large to keep in this browser: after a reload, only the texts will be left.");
+      state.mediaDropped = true;
+    }
+  } catch {
+    try { localStorage.removeItem(key); } catch { /* no storage at all */ } // no stale copy left behind
+    notice("This browser could not keep the conversation: a reload will lose it.");
+  }
+}
+
+function restoreConversation() {
+  const key = storeKey();
+  if (!key || state.exchanges.length) return;
+  let saved = [];
+  try { saved = JSON.parse(localStorage.getItem(key)) || []; } catch { /* unreadable: start afresh */ }
+  if (!Array.isArray(saved)) return;
+  const str = (v) => (typeof v === "string" ? v : "");
+  for (const s of saved) {
+    const media = (Array.isArray(s.media) ? s.media : []).map((m) => ({
+      kind: m.kind === "video" ? "video" : "image", name: str(m.name),
+      url: str(m.url).startsWith("data:") ? m.url : null,
+    }));
+    // A turn still streaming when the page went away is shown as stopped.
+    const status = ["done", "stopped", "error"].includes(s.status) ? s.status : "stopped";
+    const ex = { text: str(s.text), media, answer: str(s.answer), status, error: str(s.error) || null,
+      errorDetail: str(s.errorDetail) || null, stats: str(s.stats) || null, el: null };
+    state.exchanges.push(ex);
+    renderExchange(ex);
+    renderAnswer(ex);
+  }
+  renderActions();
 }
 
 // ───────────────────────────── talking to the server ─────────────────────────────
 
-async function errorText(res) {
-  let message = "";
+// An error as a sentence a person can act on; `detail` (the HTTP status, the field at fault) is
+// shown small beside it.
+class ApiError extends Error {
+  constructor(message, detail = "") { super(message); this.detail = detail; }
+}
+
+// Capitalised (unless it starts with a name from the API, such as max_tokens) and ending in a stop.
+function sentence(text) {
+  text = String(text || "").trim();
+  if (!text) return "";
+  if (!/^\S*[_.[\d]/.test(text)) text = text[0].toUpperCase() + text.slice(1);
+  return /[.!?…]$/.test(text) ? text : `${text}.`;
+}
+
+function asApiError(e) {
+  if (e instanceof ApiError) return e;
+  if (e instanceof TypeError) { // fetch() throws TypeError when no answer came at all
+    return new ApiError("Could not reach the server: check that it is still running, then try again.", e.message);
+  }
+  return new ApiError(sentence(e.message) || "Something went wrong.");
+}
+
+async function apiError(res) {
+  let message = "", param = null;
   try {
     const body = await res.text();
-    try { message = JSON.parse(body).error.message; } catch { message = body.slice(0, 500); }
+    try { ({ message, param } = JSON.parse(body).error); } catch { message = body.slice(0, 300); }
   } catch { /* the body could not be read */ }
-  let text = `${res.status} ${res.statusText}`.trim() + (message ? `: ${message}` : "");
-  const retry = res.headers.get("Retry-After");
-  if (res.status === 429 || res.status === 503) text += retry ? ` (retry in ${retry} s)` : "";
-  return text;
+  message = String(message || "");
+  // "messages[0].content[1].image_url: the image is ..." — the field path goes to the detail.
+  const field = param || (message.match(/^(messages\[[^\s:]*): /) || [])[1];
+  if (field && message.startsWith(`${field}: `)) message = message.slice(field.length + 2);
+  const detail = [`HTTP ${res.status} ${res.statusText}`.trim(), field].filter(Boolean).join(" · ");
+  const retry = parseInt(res.headers.get("Retry-After"), 10);
+  const limit = message.match(/(?:at most|limit of) (\d+)/);
+  let text;
+  if (res.status === 401) text = "The server needs an API key: enter it above, then press Retry.";
+  else if (res.status === 413) {
+    text = "The attachments are too large for this server" +
+      (limit ? ` (at most ${Number((limit[1] / 1048576).toFixed(1))} MB a message)` : "") + ": send smaller or fewer of them.";
+  } else if (res.status === 429 || res.status === 503) {
+    text = `The server is busy; try again in ${retry >= 0 ? `${retry} s` : "a moment"}.`;
+  } else text = sentence(message) || `The server answered ${res.status} ${res.statusText}.`.replace(" .", ".");
+  return new ApiError(text, detail);
 }
 
 function formatStats(usage, t0, tFirst, tLast, stopped) {
@@ -327,7 +486,7 @@ async function ask(ex) {
   if (state.controller) return;
   const controller = new AbortController();
   state.controller = controller;
-  Object.assign(ex, { answer: "", status: "streaming", error: null, stats: null });
+  Object.assign(ex, { answer: "", status: "streaming", error: null, errorDetail: null, stats: null });
   setBusy(true);
   renderAnswer(ex);
   renderActions();
@@ -343,12 +502,12 @@ async function ask(ex) {
       signal: controller.signal,
     });
     if (res.status === 401) askForKey("The API key was refused; enter it again, then press Retry.");
-    if (!res.ok) throw new Error(await errorText(res));
+    if (!res.ok) throw await apiError(res);
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     read: for (;;) {
       const { value, done } = await reader.read();
-      if (done) throw new Error("the server closed the connection before the answer was complete.");
+      if (done) throw new ApiError("The server closed the connection before the answer was complete; press Retry.");
       buffer += value;
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -358,7 +517,7 @@ async function ask(ex) {
         if (!data) continue;
         if (data === "[DONE]") break read;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
+        if (chunk.error) throw new ApiError(sentence(chunk.error.message) || "The server reported an error.");
         if (chunk.usage) usage = chunk.usage;
         const piece = chunk.choices?.[0]?.delta?.content;
         if (piece) {
@@ -375,7 +534,9 @@ async function ask(ex) {
       ex.status = "stopped";
     } else {
       ex.status = "error";
-      ex.error = e instanceof TypeError ? `could not reach the server (${e.message}).` : e.message;
+      const err = asApiError(e);
+      ex.error = err.message;
+      ex.errorDetail = err.detail || null;
     }
   } finally {
     if (ex.status !== "error") ex.stats = formatStats(usage, t0, tFirst, tLast, ex.status === "stopped");
@@ -386,6 +547,7 @@ async function ask(ex) {
       renderAnswer(ex);
       renderActions();
       scrollDown(false);
+      saveConversation();
     }
   }
 }
