@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from .errors import LlavakitError
+from .families import FAMILIES
 
 SHIPPED_MODEL_NAME = "llava-shapes"  # what --model and llavakit.load() call the shipped model
 SHIPPED_MODEL = Path(__file__).parent / "assets" / SHIPPED_MODEL_NAME
@@ -45,8 +46,10 @@ TRAIN_DEFAULTS = dict(stage="full", epochs=1.0, batch_size=8, grad_accum=1, lr=2
 # thread gains nothing, and when another process holds a core every parallel op waits for the
 # descheduled thread. Measured on 2 cores, 1 vs 2 threads (medians of 3): the shipped model (3.8M
 # parameters) decoded 348 vs 363 tok/s idle but 317 vs 109 tok/s with one core busy, and trained 12
-# steps in 5.8 vs 5.4 s idle but 6.9 vs 47 s busy; a 0.9B OneVision-0.5B decoded 4.8 vs 7.8 tok/s
-# idle, so bigger models keep torch's default (OMP_NUM_THREADS, else one thread per core).
+# steps in 5.8 vs 5.4 s idle but 6.9 vs 47 s busy. A random OneVision-0.5B (0.9B parameters) decoded
+# 4.8 vs 7.8 tok/s idle and 2.6 vs 4.1 busy: a token's weight reads outlast the waits, so bigger
+# models keep torch's default (OMP_NUM_THREADS, else one thread per core). The bound between is a
+# judgement: at 50M bfloat16 parameters a token reads ~100 MB, several times a step's Python time.
 TINY_MODEL_PARAMETERS = 50_000_000
 
 
@@ -156,7 +159,7 @@ def cmd_chat(args) -> int:
     return run(vlm, sampling, system, attached, lambda text, media: _user_message(text, media, args))
 
 
-_FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
+_FAMILY_NAMES = {k: f.display_name for k, f in FAMILIES.items()}
 
 
 def _count(n: int) -> str:
@@ -633,7 +636,7 @@ def _parser() -> argparse.ArgumentParser:
     ptw.set_defaults(func=cmd_pretrain_tower)
 
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
-    ini.add_argument("--family", required=True, choices=["llava", "llava_next", "llava_onevision"])
+    ini.add_argument("--family", required=True, choices=list(FAMILIES))
     ini.add_argument("--vision", required=True,
                      help="a CLIP/SigLIP folder, or a spec such as siglip:image_size=96,patch_size=16,hidden_size=128,"
                           "num_hidden_layers=4,num_attention_heads=4,intermediate_size=512")

@@ -14,10 +14,11 @@ from typing import Any
 
 from .anyres import tile_feature_count
 from .errors import ConfigError
+from .families import FAMILIES, TOWERS, Family, family, tower
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # the registry's, at import; family() reads the live registry
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+SUPPORTED_VISION_TYPES = tuple(TOWERS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_STRATEGIES = ("default", "full")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu")
@@ -34,26 +35,9 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                   num_attention_heads=32, max_position_embeddings=32768, use_sliding_window=False,
                   sliding_window=4096, max_window_layers=28, bos_token_id=None, eos_token_id=None),
 }
-_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                      image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
-                        hidden_act="gelu_pytorch_tanh")
-# LlavaOnevisionConfig's defaults: SigLIP-so400m without its last layer, Qwen2, 36 pinpoints up to 6x6 tiles.
-_ONEVISION_VISION_DEFAULT = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                                 num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14)
-ONEVISION_PINPOINTS = tuple((h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
-# Per model type: (vision default, text default, feature layer, strategy, image token, video token)
-_FAMILY_DEFAULTS = {
-    "llava": (None, "llama", -2, "default", 32000, None),
-    "llava_next": (None, "llama", -2, "default", 32000, None),
-    "llava_onevision": (_ONEVISION_VISION_DEFAULT, "qwen2", -1, "full", 151646, 151647),
-}
-# LlavaNextConfig's default pinpoints (h, w); every published NeXT checkpoint uses them.
-NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-# LlavaConfig's default tower when `vision_config` is absent: CLIP ViT-L/14-336.
-_LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                             num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+# Per-family defaults (tower, text model, tokens, pinpoints) live in llavakit.families; these names stay for importers.
+ONEVISION_PINPOINTS = family("llava_onevision").default_pinpoints
+NEXT_PINPOINTS = family("llava_next").default_pinpoints
 
 
 def _get(d: dict, key: str, defaults: dict, fallback: Any = None) -> Any:
@@ -121,7 +105,7 @@ class VisionConfig:
     @property
     def has_class_token(self) -> bool:
         """CLIP prepends a class token (and has a pre-layernorm); SigLIP has neither."""
-        return self.model_type == "clip_vision_model"
+        return tower(self.model_type).has_class_token
 
     @property
     def patches_per_side(self) -> int:
@@ -132,12 +116,7 @@ class VisionConfig:
     def from_hf(cls, d: dict) -> "VisionConfig":
         """Parse a `vision_config` dict, filling CLIPVisionConfig's defaults."""
         model_type = d.get("model_type", "clip_vision_model")
-        if model_type not in SUPPORTED_VISION_TYPES:
-            raise ConfigError(
-                f"vision_config.model_type {model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_VISION_TYPES)}."
-            )
-        defaults = _CLIP_DEFAULTS if model_type == "clip_vision_model" else _SIGLIP_DEFAULTS
+        defaults = tower(model_type).config_defaults  # raises ConfigError naming the supported towers
         g = lambda k: _get(d, k, defaults)  # noqa: E731
         cfg = cls(
             model_type=model_type,
@@ -263,9 +242,14 @@ class LlavaConfig:
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def family(self) -> Family:
+        """What this model_type's family does differently (packing, media, file formats)."""
+        return family(self.model_type)
+
+    @property
     def has_image_newline(self) -> bool:
-        """NeXT and OneVision learn a vector that ends every row of image features."""
-        return self.model_type != "llava"
+        """Tiled families (NeXT, OneVision) learn a vector that ends every row of image features."""
+        return self.family.tiled
 
     @property
     def image_features_per_tile(self) -> int:
@@ -278,17 +262,11 @@ class LlavaConfig:
         """Parse a top-level `config.json` dict; raises ConfigError naming what is supported."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must hold a JSON object, found {type(d).__name__}.")
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {model_type!r} is not supported; supported model types: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
-        vision_default, text_default, layer_default, strategy_default, image_default, video_default = (
-            _FAMILY_DEFAULTS[model_type])
-        vision = VisionConfig.from_hf(d.get("vision_config") or vision_default or _LLAVA_VISION_DEFAULT)
-        text = TextConfig.from_hf(d.get("text_config") or {"model_type": text_default})
-        layer = d.get("vision_feature_layer", layer_default)
+        fam = family(d.get("model_type"))  # raises ConfigError naming the supported model types
+        model_type = fam.model_type
+        vision = VisionConfig.from_hf(d.get("vision_config") or fam.default_vision_config)
+        text = TextConfig.from_hf(d.get("text_config") or {"model_type": fam.default_text_model_type})
+        layer = d.get("vision_feature_layer", fam.default_vision_feature_layer)
         layers = tuple(int(x) for x in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
         n_states = vision.num_layers + 1
         for x in layers:
@@ -297,19 +275,19 @@ class LlavaConfig:
                     f"vision_feature_layer {x} is out of range for a tower with {vision.num_layers} layers "
                     f"(valid: {-n_states}..{n_states - 1})."
                 )
-        strategy = d.get("vision_feature_select_strategy", strategy_default)
+        strategy = d.get("vision_feature_select_strategy", fam.default_select_strategy)
         if strategy not in SUPPORTED_STRATEGIES:
             raise ConfigError(
                 f"vision_feature_select_strategy {strategy!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_STRATEGIES)}."
             )
-        image_token = d.get("image_token_id", d.get("image_token_index", image_default))
-        video_token = d.get("video_token_id", d.get("video_token_index", video_default))
+        image_token = d.get("image_token_id", d.get("image_token_index", fam.default_image_token_id))
+        video_token = d.get("video_token_id", d.get("video_token_index", fam.default_video_token_id))
         tie = bool(d.get("tie_word_embeddings", False))
-        if model_type != "llava_next":  # Llava and OneVision forward a tied text config; LlavaNextConfig does not
+        if fam.forwards_text_tie:  # Llava and OneVision forward a tied text config; LlavaNextConfig does not
             tie = tie or text.tie_word_embeddings
-        pinpoints = _pinpoints(d, model_type, vision)
-        if model_type != "llava" and (strategy == "full") == vision.has_class_token:
+        pinpoints = _pinpoints(d, fam, vision)
+        if fam.tiled and (strategy == "full") == vision.has_class_token:
             want = "default" if vision.has_class_token else "full"
             raise ConfigError(
                 f"{model_type} with a {vision.model_type} tower needs vision_feature_select_strategy {want!r}: "
@@ -326,17 +304,17 @@ class LlavaConfig:
             projector_bias=bool(d.get("multimodal_projector_bias", True)),
             tie_word_embeddings=tie,
             video_token_id=None if video_token is None else int(video_token),
-            max_tiles=_max_tiles(d, model_type),
+            max_tiles=_max_tiles(d, fam),
             image_grid_pinpoints=pinpoints,
             source=d,
         )
 
 
-def _pinpoints(d: dict, model_type: str, vision: VisionConfig) -> tuple[tuple[int, int], ...]:
-    """`image_grid_pinpoints` as (h, w) tuples, each a whole number of tower tiles."""
-    if model_type == "llava":
+def _pinpoints(d: dict, fam: Family, vision: VisionConfig) -> tuple[tuple[int, int], ...]:
+    """`image_grid_pinpoints` as (h, w) tuples, each a whole number of tower tiles; () for untiled families."""
+    if not fam.tiled:
         return ()
-    raw = d.get("image_grid_pinpoints") or (ONEVISION_PINPOINTS if model_type == "llava_onevision" else NEXT_PINPOINTS)
+    raw = d.get("image_grid_pinpoints") or fam.default_pinpoints
     try:
         pins = tuple((int(h), int(w)) for h, w in raw)
     except (TypeError, ValueError) as e:
@@ -350,11 +328,11 @@ def _pinpoints(d: dict, model_type: str, vision: VisionConfig) -> tuple[tuple[in
     return pins
 
 
-def _max_tiles(d: dict, model_type: str) -> int | None:
-    """Parse OneVision's `vision_aspect_ratio: "anyres_max_N"` once, into N."""
-    if model_type != "llava_onevision":
+def _max_tiles(d: dict, fam: Family) -> int | None:
+    """Parse OneVision's `vision_aspect_ratio: "anyres_max_N"` once, into N; None for families without the cap."""
+    if not fam.caps_tiles:
         return None
-    value = d.get("vision_aspect_ratio", "anyres_max_9")
+    value = d.get("vision_aspect_ratio", fam.default_vision_aspect_ratio)
     match = re.fullmatch(r"anyres_max_(\d+)", str(value))
     if not match or int(match.group(1)) < 1:
         raise ConfigError(f"vision_aspect_ratio {value!r} is not supported; expected 'anyres_max_N' with N >= 1.")

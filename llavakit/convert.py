@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import original
+from . import families, original
 from .config import LlavaConfig
 from .errors import ConfigError
 from .weights import canonical_key, published_key, read_raw_config, read_tensors, write_tensors
@@ -71,12 +71,12 @@ def _add_tokens(dst: Path, tokens: list[str]) -> dict[str, int]:
 
 def _to_hf(src: Path, dst: Path, raw: dict, vision_tower: str | None, conv_template: str | None) -> Path:
     vision, tower_processor, tower_folder = original.resolve_tower(raw, vision_tower, src, original.tower_stored(src))
-    kind = original.family(raw)
+    fam = families.family(original.family(raw))
     _copy_side_files(src, dst)
-    ids = _add_tokens(dst, ["<image>", "<video>"] if kind == "llava_onevision" else ["<image>"])
+    ids = _add_tokens(dst, ["<image>"] + (["<video>"] if fam.takes_video else []))
     hf = original.hf_config(raw, vision, ids["<image>"], ids.get("<video>"))
     cfg = LlavaConfig.from_hf(hf)
-    siglip_layers = cfg.vision.num_layers if cfg.vision.model_type == "siglip_vision_model" else None
+    siglip_layers = cfg.vision.num_layers if families.tower(cfg.vision.model_type).original_drops_last_layer else None
 
     tensors: dict[str, torch.Tensor] = {}
     for key, t in read_tensors(src):
@@ -106,11 +106,12 @@ def _to_hf(src: Path, dst: Path, raw: dict, vision_tower: str | None, conv_templ
     _write_json(dst / "config.json", hf)
     _write_json(dst / "preprocessor_config.json", original.image_processor_dict(raw, tower_processor))
     patches = cfg.vision.patches_per_side
-    proc = {"processor_class": {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
-                                "llava_onevision": "LlavaOnevisionProcessor"}[kind],
+    proc = {"processor_class": fam.processor_class,
             "image_token": "<image>", "vision_feature_select_strategy": cfg.select_strategy}
-    if kind == "llava_onevision":
-        proc.update(video_token="<video>", num_image_tokens=patches**2, vision_aspect_ratio=raw["image_aspect_ratio"])
+    if fam.takes_video:
+        proc["video_token"] = "<video>"
+    if fam.caps_tiles:  # LlavaOnevisionProcessor counts tokens from these
+        proc.update(num_image_tokens=patches**2, vision_aspect_ratio=raw["image_aspect_ratio"])
     else:
         proc.update(patch_size=cfg.vision.patch_size, num_additional_image_tokens=int(cfg.vision.has_class_token))
     _write_json(dst / "processor_config.json", proc)
@@ -126,7 +127,8 @@ def _to_original(src: Path, dst: Path, raw: dict) -> Path:
             f"vision_feature_layer {list(cfg.vision_feature_layers)} cannot be written in the original format, "
             "which selects a single layer (mm_vision_select_layer)."
         )
-    siglip = cfg.vision.model_type == "siglip_vision_model"
+    fam, tw = cfg.family, families.tower(cfg.vision.model_type)
+    siglip = tw.original_drops_last_layer  # SigLIP: the original code takes the input of its last layer
     if siglip and (cfg.vision_feature_layers[0] % (cfg.vision.num_layers + 1) != cfg.vision.num_layers
                    or cfg.select_strategy != "full"):
         raise ConfigError("a SigLIP tower converts to the original format only with its last layer and 'full'.")
@@ -137,12 +139,12 @@ def _to_original(src: Path, dst: Path, raw: dict) -> Path:
                              "qwen2": "LlavaQwenForCausalLM"}[cfg.text.model_type]]
     out["model_type"] = {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[cfg.text.model_type]
     image_proc = _image_processor(src)
-    if cfg.model_type == "llava":
-        aspect = "pad" if image_proc.get("do_pad") else "square"
-    elif cfg.model_type == "llava_next":
+    if fam.caps_tiles:
+        aspect = f"anyres_max_{cfg.max_tiles}"
+    elif fam.tiled:
         aspect = "anyres"
     else:
-        aspect = f"anyres_max_{cfg.max_tiles}"
+        aspect = "pad" if image_proc.get("do_pad") else "square"
     out.update(
         mm_vision_tower="vision_tower",
         mm_hidden_size=cfg.vision.hidden_size,
@@ -150,7 +152,7 @@ def _to_original(src: Path, dst: Path, raw: dict) -> Path:
         mm_vision_select_layer=-2 if siglip else cfg.vision_feature_layers[0],
         mm_vision_select_feature="patch" if cfg.select_strategy == "default" else "cls_patch",
         image_aspect_ratio=aspect,
-        mm_patch_merge_type="flat" if cfg.model_type == "llava" else "spatial_unpad",
+        mm_patch_merge_type=fam.mm_patch_merge_type,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
     if cfg.image_grid_pinpoints:
@@ -178,7 +180,7 @@ def _to_original(src: Path, dst: Path, raw: dict) -> Path:
     tower_dir.mkdir()
     _write_json(tower_dir / "config.json", tower)
     tower_proc = {k: v for k, v in image_proc.items() if k not in ("do_pad", "image_grid_pinpoints")}
-    tower_proc["image_processor_type"] = "SiglipImageProcessor" if siglip else "CLIPImageProcessor"
+    tower_proc["image_processor_type"] = tw.image_processor_type
     _write_json(tower_dir / "preprocessor_config.json", tower_proc)
     return dst
 

@@ -18,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+from . import families
 from .errors import ConfigError
 
 IMAGE_PLACEHOLDER_ID = -200  # the original IMAGE_TOKEN_INDEX
@@ -33,21 +34,26 @@ _ARCH_TO_TEXT = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "m
                  "LlavaQwenForCausalLM": "qwen2", "LlavaQwen2ForCausalLM": "qwen2"}
 _TYPE_TO_TEXT = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
 
+
+def _tower_processor(vision_type: str, **sizes) -> dict:
+    """A tower's own preprocessor_config.json: its type and statistics from the registry, plus `sizes`."""
+    t = families.tower(vision_type)
+    return dict(image_processor_type=t.image_processor_type, **sizes, image_mean=list(t.mean), image_std=list(t.std))
+
+
 # Towers referenced by name in published configs, for when neither a folder nor the hub has them.
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": (
         dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
              num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-        dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": 336},
-             crop_size={"height": 336, "width": 336}, do_center_crop=True, resample=3,
-             image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]),
+        _tower_processor("clip_vision_model", size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                         do_center_crop=True, resample=3),
     ),
     "google/siglip-so400m-patch14-384": (
         dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
              num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
              layer_norm_eps=1e-6),
-        dict(image_processor_type="SiglipImageProcessor", size={"height": 384, "width": 384}, do_center_crop=False,
-             resample=3, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+        _tower_processor("siglip_vision_model", size={"height": 384, "width": 384}, do_center_crop=False, resample=3),
     ),
 }
 
@@ -72,19 +78,23 @@ def text_model_type(raw: dict) -> str:
 
 
 def family(raw: dict) -> str:
-    """Which llava-hf model type the original config corresponds to."""
+    """Which llava-hf model type the original config corresponds to (the first registered family whose
+    `original_aspect` and `mm_patch_merge_type` it matches)."""
     aspect = raw.get("image_aspect_ratio") or "square"
     merge = raw.get("mm_patch_merge_type") or "flat"
-    if aspect in ("pad", "square", "resize") and merge == "flat":
-        return "llava"
-    if aspect == "anyres" and merge.startswith("spatial_unpad"):
-        return "llava_next"
-    if re.fullmatch(r"anyres_max_\d+", aspect) and merge.startswith("spatial_unpad"):
-        return "llava_onevision"
+    known = [f for f in families.FAMILIES.values() if f.original_aspect is not None]
+    for fam in known:
+        if re.fullmatch(fam.original_aspect, aspect) and merge.startswith(fam.mm_patch_merge_type):
+            return fam.model_type
+    supported = ", ".join(f"{_readable(f.original_aspect)} + {f.mm_patch_merge_type} ({f.display_name})" for f in known)
     raise ConfigError(
-        f"image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not supported; supported: "
-        "pad/square + flat (LLaVA-1.5), anyres + spatial_unpad (NeXT), anyres_max_N + spatial_unpad (OneVision)."
+        f"image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not supported; supported: {supported}."
     )
+
+
+def _readable(pattern: str) -> str:
+    """An aspect pattern for people: "pad|square" -> "pad/square", "anyres_max_\\d+" -> "anyres_max_N"."""
+    return pattern.replace("|", "/").replace(r"\d+", "N")
 
 
 def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path | None = None,
@@ -109,8 +119,8 @@ def resolve_tower(raw: dict, vision_tower: str | Path | None, checkpoint: Path |
             raise ConfigError(f"vision tower folder {folder} has no config.json.")
         tower = json.loads(cfg_path.read_text())
         vision = tower.get("vision_config", tower)  # CLIPModel / SiglipModel nest it, *VisionModel is flat
-        vision.setdefault("model_type", {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(
-            tower.get("model_type"), tower.get("model_type")))
+        parents = {t.parent_model_type: t.model_type for t in families.TOWERS.values()}
+        vision.setdefault("model_type", parents.get(tower.get("model_type"), tower.get("model_type")))
         pre = folder / "preprocessor_config.json"
         processor = json.loads(pre.read_text()) if pre.is_file() else KNOWN_TOWERS.get(str(name), ({}, {}))[1]
         return vision, processor, folder
@@ -135,7 +145,7 @@ def _hub_tower(name: str) -> Path:
 
 def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int | None) -> dict:
     """The llava-hf config.json equivalent to an original-format config."""
-    kind = family(raw)
+    fam = families.family(family(raw))
     projector = raw.get("mm_projector_type", "linear")
     if projector != "mlp2x_gelu":
         raise ConfigError(
@@ -145,8 +155,8 @@ def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int 
     text = {k: raw[k] for k in _TEXT_KEYS if k in raw}
     text["model_type"] = text_model_type(raw)
     vision = dict(vision)
-    siglip = vision.get("model_type") == "siglip_vision_model"
-    if siglip:
+    tower = families.TOWERS.get(vision.get("model_type", "clip_vision_model"))
+    if tower is not None and tower.original_drops_last_layer:  # unknown towers: LlavaConfig.from_hf says so
         # The original SigLIP wrapper deletes the last layer and takes the last hidden state.
         vision["num_hidden_layers"] = int(vision.get("num_hidden_layers", 12)) - 1
         layer, strategy = -1, "full"
@@ -157,9 +167,8 @@ def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int 
             raise ConfigError(f"mm_vision_select_feature {select!r} is not supported; supported: patch, cls_patch.")
         strategy = "default" if select == "patch" else "full"
     out = {
-        "architectures": [{"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                           "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[kind]],
-        "model_type": kind,
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
         "text_config": text,
         "vision_config": vision,
         "image_token_index": image_token_id,
@@ -172,10 +181,11 @@ def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int 
     for key in ("torch_dtype", "dtype"):
         if key in raw:
             out[key] = raw[key]
-    if kind != "llava":
+    if fam.tiled:
         out["image_grid_pinpoints"] = raw.get("image_grid_pinpoints")
-    if kind == "llava_onevision":
+    if fam.caps_tiles:
         out["vision_aspect_ratio"] = raw["image_aspect_ratio"]
+    if fam.takes_video:
         out["video_token_index"] = video_token_id
     return out
 
@@ -183,13 +193,12 @@ def hf_config(raw: dict, vision: dict, image_token_id: int, video_token_id: int 
 def image_processor_dict(raw: dict, tower_processor: dict) -> dict:
     """The image processor the original preprocessing corresponds to."""
     d = dict(tower_processor)
-    kind = family(raw)
-    if kind == "llava":
-        d["image_processor_type"] = "LlavaImageProcessor"
-        d["do_pad"] = raw.get("image_aspect_ratio") == "pad"
-    else:
-        d["image_processor_type"] = "LlavaNextImageProcessor" if kind == "llava_next" else "LlavaOnevisionImageProcessor"
+    fam = families.family(family(raw))
+    d["image_processor_type"] = fam.image_processor_type
+    if fam.tiled:
         d["image_grid_pinpoints"] = raw.get("image_grid_pinpoints")
+    else:
+        d["do_pad"] = raw.get("image_aspect_ratio") == "pad"
     return d
 
 
@@ -327,14 +336,14 @@ def load_parts(folder: Path, raw: dict, dtype, vision_tower: str | Path | None, 
     from .config import LlavaConfig
     from .processing.processor import Processor
     from .processing.prompt import load_tokenizer
-    from .weights import load_model
+    from .model.build import load_model
 
     stored = tower_stored(folder)
     vision, tower_processor, tower_folder = resolve_tower(raw, vision_tower, folder, stored)
-    video_id = VIDEO_PLACEHOLDER_ID if family(raw) == "llava_onevision" else None
+    video_id = VIDEO_PLACEHOLDER_ID if families.family(family(raw)).takes_video else None
     hf = hf_config(raw, vision, IMAGE_PLACEHOLDER_ID, video_id)
     cfg = LlavaConfig.from_hf(hf)
-    siglip_layers = cfg.vision.num_layers if cfg.vision.model_type == "siglip_vision_model" else None
+    siglip_layers = cfg.vision.num_layers if families.tower(cfg.vision.model_type).original_drops_last_layer else None
     sources = [(folder, lambda k: weight_name(k, siglip_layers))]
     if tower_folder is not None and not stored:
         sources.append((tower_folder, lambda k: tower_weight_name(k, siglip_layers)))

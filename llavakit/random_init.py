@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .config import NEXT_PINPOINTS, ONEVISION_PINPOINTS, LlavaConfig
+from .config import LlavaConfig
 from .errors import ConfigError
+from .families import family, tower
 from .processing.prompt import DEFAULT_TEMPLATES
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _CORPUS = (
     "USER: ASSISTANT: What is in the picture? Describe the image. The picture shows a cat, a dog, a red "
     "ball, a blue sky, green trees, a small house and two people walking on the beach at sunset. "
@@ -189,23 +188,23 @@ def make_random_checkpoint(out: Path, preset: str = "tiny", layers: int | None =
     tok = _tokenizer(text["vocab_size"], specials, p["bos"])
     text["vocab_size"] = tok.get_vocab_size()
     text.update(bos_token_id=specials.get(p["bos"]), eos_token_id=specials[p["eos"]], pad_token_id=specials[p["pad"]])
-    kind = p["model_type"]
+    fam, tw = family(p["model_type"]), tower(vision["model_type"])
     config = {
-        "architectures": [{"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                           "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[kind]],
-        "model_type": kind, "dtype": str(dtype).removeprefix("torch."),
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type, "dtype": str(dtype).removeprefix("torch."),
         "image_token_index": specials[p["image_token"]], "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True, "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
         "text_config": text, "vision_config": vision,
     }
-    siglip = vision["model_type"] == "siglip_vision_model"
-    config["vision_feature_layer"] = -1 if siglip else -2
-    config["vision_feature_select_strategy"] = "full" if siglip else "default"
-    if kind == "llava_next":
-        config["image_grid_pinpoints"] = [list(x) for x in NEXT_PINPOINTS]
-    if kind == "llava_onevision":
-        config.update(image_grid_pinpoints=[list(x) for x in ONEVISION_PINPOINTS], vision_aspect_ratio="anyres_max_9",
-                      video_token_index=specials["<video>"])
+    # CLIP: the second-last layer without the class token; SigLIP (no class token): the last, whole.
+    config["vision_feature_layer"] = -2 if tw.has_class_token else -1
+    config["vision_feature_select_strategy"] = "default" if tw.has_class_token else "full"
+    if fam.tiled:
+        config["image_grid_pinpoints"] = [list(x) for x in fam.default_pinpoints]
+    if fam.caps_tiles:
+        config["vision_aspect_ratio"] = fam.default_vision_aspect_ratio
+    if fam.takes_video:
+        config["video_token_index"] = specials["<video>"]
     cfg = LlavaConfig.from_hf(config)
     # The demo's matrices are wider than an initialisation's: at 0.02 a tiny random model repeats one
     # token forever; at 0.12 its (meaningless) answers at least vary with the picture and question.
@@ -218,34 +217,39 @@ def make_random_checkpoint(out: Path, preset: str = "tiny", layers: int | None =
               "unk_token": "<unk>" if "<unk>" in specials else None}
     _write(out / "tokenizer_config.json", {**{k: v for k, v in tokens.items() if v is not None},
                                            "padding_side": "left", "tokenizer_class": "PreTrainedTokenizerFast"})
-    _write_processor(out, kind, vision, siglip)
-    template = DEFAULT_TEMPLATES[text["model_type"]]
+    _write_processor(out, fam.model_type, vision)
+    template = DEFAULT_TEMPLATES[fam.chat_template or text["model_type"]]
     _write(out / "chat_template.json", {"chat_template": template})
     return out
 
 
-def _write_processor(out: Path, kind: str, vision: dict, siglip: bool,
+def _write_processor(out: Path, model_type: str, vision: dict, siglip: bool | None = None,
                      pinpoints: list[list[int]] | None = None) -> None:
-    """preprocessor_config.json and processor_config.json for a family; pinpoints default to the published ones."""
+    """preprocessor_config.json and processor_config.json for a family; pinpoints default to the published ones.
+
+    `siglip` is ignored (the registry's tower facts decide); it stays for train.assemble's positional call.
+    """
+    fam, tw = family(model_type), tower(vision["model_type"])
     side = vision["image_size"]
-    stats = ([0.5] * 3, [0.5] * 3) if siglip else (_CLIP_MEAN, _CLIP_STD)
     pre = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-           "image_mean": stats[0], "image_std": stats[1], "do_convert_rgb": True}
-    if kind == "llava_onevision":
-        pre.update(image_processor_type="LlavaOnevisionImageProcessor", size={"height": side, "width": side},
-                   do_center_crop=False, do_pad=True,
-                   image_grid_pinpoints=pinpoints or [list(x) for x in ONEVISION_PINPOINTS])
-        proc = {"processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
-                "num_image_tokens": (side // vision["patch_size"]) ** 2, "vision_feature_select_strategy": "full",
-                "vision_aspect_ratio": "anyres_max_9"}
+           "image_mean": list(tw.mean), "image_std": list(tw.std), "do_convert_rgb": True}
+    # Untiled (LLaVA-1.5) checkpoints ship the tower's own processor, as llava-1.5-*-hf do.
+    pre["image_processor_type"] = fam.image_processor_type if fam.tiled else tw.image_processor_type
+    # The processor entries only steer transformers' token counts: p² (+ a class token, - it again when
+    # "default") per tile, which these values give for either tower.
+    proc = {"processor_class": fam.processor_class, "image_token": "<image>"}
+    if fam.takes_video:
+        proc["video_token"] = "<video>"
+    if fam.caps_tiles:  # OneVision: square resize, no crop; its processor counts p² from num_image_tokens
+        pre.update(size={"height": side, "width": side}, do_center_crop=False)
+        proc.update(num_image_tokens=(side // vision["patch_size"]) ** 2, vision_feature_select_strategy="full",
+                    vision_aspect_ratio=fam.default_vision_aspect_ratio)
     else:
-        pre.update(image_processor_type="LlavaNextImageProcessor" if kind == "llava_next" else "CLIPImageProcessor",
-                   size={"shortest_edge": side}, do_center_crop=True, crop_size={"height": side, "width": side})
-        if kind == "llava_next":
-            pre.update(do_pad=True, image_grid_pinpoints=pinpoints or [list(x) for x in NEXT_PINPOINTS])
-        proc = {"processor_class": "LlavaNextProcessor" if kind == "llava_next" else "LlavaProcessor",
-                "image_token": "<image>", "patch_size": vision["patch_size"],
-                "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+        pre.update(size={"shortest_edge": side}, do_center_crop=True, crop_size={"height": side, "width": side})
+        proc.update(patch_size=vision["patch_size"], vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1)
+    if fam.tiled:
+        pre.update(do_pad=True, image_grid_pinpoints=pinpoints or [list(x) for x in fam.default_pinpoints])
     _write(out / "preprocessor_config.json", pre)
     _write(out / "processor_config.json", proc)
 

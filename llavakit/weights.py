@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .config import LlavaConfig
 from .errors import ConfigError, WeightsError
+from .jsonfile import read_json_object
 from .runtime import release_pages
 
 KeyMap = Callable[[str], "str | None"]  # checkpoint key -> llavakit name, or None to skip
@@ -104,13 +105,7 @@ def read_raw_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object, found {type(raw).__name__}.")
-    return raw
+    return read_json_object(path)
 
 
 def read_config(folder: Path) -> LlavaConfig:
@@ -267,24 +262,5 @@ def read_tensors(folder: Path):
         yield from _read_tensors(path)
 
 
-def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
-               sources: list[tuple[Path, KeyMap]] | None = None, quantize: str = "none",
-               stored_group_size: int | None = None) -> torch.nn.Module:
-    """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`.
-
-    quantize: "none", "int8" or "int4": the decoder's linear layers and the output head are quantised
-    tensor by tensor as they are read (see llavakit/model/quant.py); with stored_group_size, the
-    checkpoint already holds them in that form, in groups of stored_group_size.
-    """
-    from .model.llava import LlavaModel
-    from .model.layers import rope_inv_freq
-    from .model.quant import loading_converter
-
-    with torch.device("meta"):
-        model = LlavaModel(cfg)
-    convert = loading_converter(model, quantize, dtype, stored_group_size)
-    assign_weights(model, load_state(folder, model, dtype, sources, convert))
-    model.tie_weights()
-    # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.
-    model.language_model.inv_freq = rope_inv_freq(cfg.text.rope, cfg.text.head_dim)
-    return model.eval()
+# load_model (build the architecture, then fill it) lives in llavakit/model/build.py: the weight reader
+# knows nothing of the model (DESIGN.md, "Never": Load → Model).

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +37,18 @@ from PIL import Image, ImageOps
 
 from .. import anyres
 from ..errors import ConfigError, ImageError, MediaError, MediaURLNotAllowed
+from ..families import tower
 from ..fetch import RemoteFetcher
+from ..jsonfile import read_json_object
 
 URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 64 << 20  # images larger than this are refused, not read into memory
 URL_MAX_REDIRECTS = 10  # as many as urllib followed before
 _URL_FETCHER = RemoteFetcher(URL_TIMEOUT_S, URL_MAX_BYTES, URL_MAX_REDIRECTS)  # the guard on: public hosts only
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN_STD = (0.5, 0.5, 0.5)
+# Tower normalisation statistics; the registry (llavakit.families.TOWERS) owns them.
+OPENAI_CLIP_MEAN = tower("clip_vision_model").mean
+OPENAI_CLIP_STD = tower("clip_vision_model").std
+HALF_MEAN_STD = tower("siglip_vision_model").mean  # SigLIP's mean and std alike
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 _SOURCES_HINT = (
@@ -349,14 +351,7 @@ class ImageProcessorConfig:
         )
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Could not read {path}: {e}. Check that it is valid JSON.") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
-    return data
+_read_json = read_json_object  # the one reader of checkpoint JSON files
 
 
 def read_image_processor_dict(folder: Path) -> dict:

@@ -236,34 +236,44 @@ class Processor:
         """Left-pad encoded conversations into one batch."""
         if not items:
             raise PromptError("prepare() needs at least one conversation.")
-        t = max(len(e.input_ids) for e in items)
-        ids = torch.full((len(items), t), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), t), dtype=torch.long)
-        for i, e in enumerate(items):
-            n = len(e.input_ids)
-            ids[i, t - n :] = torch.tensor(e.input_ids, dtype=torch.long)
-            mask[i, t - n :] = 1
-
-        def stack(arrays):
-            arrays = [a for a in arrays if a is not None]
-            return torch.from_numpy(np.concatenate(arrays)) if arrays else None
-
-        return Batch(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=stack(e.pixel_values for e in items),
-            image_counts=tuple(len(e.image_sizes) for e in items),
-            image_sizes=tuple(s for e in items for s in e.image_sizes),
-            image_tiled=tuple(t for e in items for t in e.image_tiled),
-            video_pixels=stack(e.video_pixels for e in items),
-            video_frames=tuple(f for e in items for f in e.video_frames),
-        )
+        return collate(items, self.pad_token_id)
 
     def prepare(self, conversations: list[Any], add_generation_prompt: bool = True,
                 parse_special_tokens_in_content: bool = False) -> Batch:
         """Encode and left-pad several conversations (`parse_special_tokens_in_content`: see `encode`)."""
         return self.collate([self.encode(c, add_generation_prompt, parse_special_tokens_in_content)
                              for c in conversations])
+
+
+def collate(items: Sequence[Encoded], pad_token_id: int, pad_left: bool = True) -> Batch:
+    """Pad encoded conversations into one Batch: left-padded for generation, right-padded (pad_left=False)
+    for training (llavakit/train/data.py adds the labels). The one collate function of llavakit.
+
+    items: Encoded, or anything with its fields (input_ids and the media fields), such as a training Example.
+    """
+    t = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), t), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), t), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.input_ids)
+        cols = slice(t - n, None) if pad_left else slice(0, n)
+        ids[i, cols] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, cols] = 1
+
+    def stack(arrays):
+        arrays = [a for a in arrays if a is not None]
+        return torch.from_numpy(np.concatenate(arrays)) if arrays else None
+
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=stack(e.pixel_values for e in items),
+        image_counts=tuple(len(e.image_sizes) for e in items),
+        image_sizes=tuple(s for e in items for s in e.image_sizes),
+        image_tiled=tuple(t for e in items for t in e.image_tiled),
+        video_pixels=stack(e.video_pixels for e in items),
+        video_frames=tuple(f for e in items for f in e.video_frames),
+    )
 
 
 def _check_token(tokenizer: TextTokenizer, token: str, expected: int, kind: str) -> None:

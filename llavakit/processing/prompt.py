@@ -28,6 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, PromptError
+from ..jsonfile import read_json_object
 
 IMAGE_KEYS = ("image", "url", "path", "base64")
 VIDEO_KEYS = ("video", "url", "path")
@@ -298,13 +299,8 @@ def load_tokenizer(folder: Path) -> TextTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return data if isinstance(data, dict) else {}
+    """An optional JSON file of the checkpoint: {} when it is missing (see jsonfile.read_json_object)."""
+    return read_json_object(path, missing_ok=True)
 
 
 def load_chat_template(folder: Path) -> str | None:

@@ -22,11 +22,13 @@ import torch
 from ..config import LlavaConfig
 from ..errors import ConfigError
 from ..model.llava import LlavaModel
+from ..families import FAMILIES as _REGISTRY
+from ..families import family as _family
 from ..processing.prompt import DEFAULT_TEMPLATES, load_chat_template
 from ..random_init import _write, _write_processor
 from ..weights import read_tensors, save_weights
 
-FAMILIES = ("llava", "llava_next", "llava_onevision")
+FAMILIES = tuple(_REGISTRY)  # the model types `init --family` takes
 _VISION = {
     "clip": dict(model_type="clip_vision_model", hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3),
     "siglip": dict(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
@@ -44,8 +46,6 @@ VISION_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "
                     "patch_size")  # what a vision spec must give
 _INT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_key_value_heads",
              "image_size", "patch_size", "max_position_embeddings", "head_dim", "sliding_window"}
-_ARCH = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-         "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def parse_spec(spec: str, kinds: dict) -> dict:
@@ -170,9 +170,10 @@ def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
 
 
 def _pinpoints(family: str, side: int) -> list[list[int]] | None:
-    if family == "llava":
+    fam = _family(family)
+    if not fam.tiled:
         return None
-    if family == "llava_next":  # the published NeXT grids: 2x1, 1x2, 2x2, 3x1, 1x3 tiles
+    if not fam.caps_tiles:  # the published NeXT grids: 2x1, 1x2, 2x2, 3x1, 1x3 tiles
         grids = [(2, 1), (1, 2), (2, 2), (3, 1), (1, 3)]
     else:  # OneVision: every grid up to 6x6
         grids = [(r, c) for r in range(1, 7) for c in range(1, 7)]
@@ -205,7 +206,8 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
         tokens = {k: tk_cfg.get(k) if isinstance(tk_cfg.get(k), (str, type(None))) else tk_cfg[k].get("content")
                   for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         template = load_chat_template(text_dir) or DEFAULT_TEMPLATES[kind]
-    placeholders = ["<image>"] + (["<video>"] if family == "llava_onevision" else [])
+    fam = _family(family)
+    placeholders = ["<image>"] + (["<video>"] if fam.takes_video else [])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in placeholders])
     old_vocab = text_cfg.get("vocab_size", 0)
     text_cfg["vocab_size"] = max(tok.get_vocab_size(), old_vocab)
@@ -220,7 +222,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     siglip = vision_cfg["model_type"] == "siglip_vision_model"
     side = int(vision_cfg["image_size"])
     config = {
-        "architectures": [_ARCH[family]], "model_type": family, "dtype": "float32",
+        "architectures": [fam.architecture], "model_type": family, "dtype": "float32",
         "image_token_index": ids["<image>"], "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
         "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
         "vision_feature_layer": -1 if siglip else -2, "vision_feature_select_strategy": "full" if siglip else "default",
@@ -229,8 +231,10 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     pins = _pinpoints(family, side)
     if pins:
         config["image_grid_pinpoints"] = pins
-    if family == "llava_onevision":
-        config.update(vision_aspect_ratio=f"anyres_max_{max_tiles}", video_token_index=ids["<video>"])
+    if fam.caps_tiles:
+        config["vision_aspect_ratio"] = f"anyres_max_{max_tiles}"
+    if fam.takes_video:
+        config["video_token_index"] = ids["<video>"]
     cfg = LlavaConfig.from_hf(config)
 
     torch.manual_seed(seed)
@@ -261,7 +265,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
                                            "tokenizer_class": "PreTrainedTokenizerFast",
                                            "model_max_length": text_cfg.get("max_position_embeddings", 4096)})
     _write_processor(out, family, vision_cfg, siglip, pins)
-    if family == "llava_onevision":
+    if fam.caps_tiles:
         proc = json.loads((out / "processor_config.json").read_text())
         _write(out / "processor_config.json", {**proc, "vision_aspect_ratio": f"anyres_max_{max_tiles}"})
     _write(out / "chat_template.json", {"chat_template": template})

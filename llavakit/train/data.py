@@ -26,6 +26,7 @@ import torch
 
 from ..errors import LlavakitError
 from ..processing.processor import Processor
+from ..processing.processor import collate as pad_batch
 from ..processing.prompt import render_template, split_conversation
 
 IGNORE = -100  # label of positions that do not count in the loss (as in transformers and PyTorch)
@@ -342,26 +343,13 @@ def _chunk_offsets(proc: Processor, text: str) -> tuple[list[int], list[tuple[in
 
 
 def collate(examples: list[Example], pad_token_id: int) -> TrainBatch:
-    """Right-pad examples into a batch (labels IGNORE at padding)."""
-    t = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), t), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    """Right-pad examples into a batch (labels IGNORE at padding); the padding is processing's collate."""
+    batch = pad_batch(examples, pad_token_id, pad_left=False)
+    labels = torch.full(tuple(batch.input_ids.shape), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-
-    def stack(arrays):
-        arrays = [a for a in arrays if a is not None]
-        return torch.from_numpy(np.concatenate(arrays)) if arrays else None
-
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
     return TrainBatch(
-        input_ids=ids, labels=labels, attention_mask=mask,
-        pixel_values=stack(e.pixel_values for e in examples),
-        image_sizes=tuple(s for e in examples for s in e.image_sizes),
-        image_tiled=tuple(x for e in examples for x in e.image_tiled),
-        video_pixels=stack(e.video_pixels for e in examples),
-        video_frames=tuple(f for e in examples for f in e.video_frames),
+        input_ids=batch.input_ids, labels=labels, attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values, image_sizes=batch.image_sizes, image_tiled=batch.image_tiled,
+        video_pixels=batch.video_pixels, video_frames=batch.video_frames,
     )

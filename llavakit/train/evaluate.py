@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.sampling import SamplingParams
 from ..progress import StatusLine
 from .data import DataError, read_records
 
@@ -47,7 +46,11 @@ class EvalResult:
 
 def evaluate_file(vlm, data: Path, limit: int | None = None, window: int = 32, max_new_tokens: int = 48,
                   progress: bool = True) -> EvalResult:
-    """Answer every record of `data` greedily and score it (see the module docstring)."""
+    """Answer every record of `data` greedily and score it (see the module docstring).
+
+    vlm: what `llavakit.load` returns; its `generate` runs the engine. Training code never imports the
+    engine (DESIGN.md, "Never": Train → Engine), so the engine's sampling parameters are made by the VLM.
+    """
     items = []
     for rec in read_records(Path(data)):
         if isinstance(rec, DataError):
@@ -61,7 +64,7 @@ def evaluate_file(vlm, data: Path, limit: int | None = None, window: int = 32, m
         if limit and len(items) >= limit:
             break
     result = EvalResult()
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = vlm.sampling_params(max_new_tokens=max_new_tokens, temperature=0.0)
     start = time.perf_counter()
     status = StatusLine() if progress else None
     for i in range(0, len(items), window):

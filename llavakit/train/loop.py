@@ -251,8 +251,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
     overwrite: start a new run in a non-empty `out` (see `check_out`); ConfigError without it or resume.
     device: where the model trains ("cpu", "cuda", ...); weights and optimizer state stay float32.
     """
-    import llavakit
-
+    from ..checkpoint import open_checkpoint
     from . import lora
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -269,7 +268,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     base = start_from if (start_from is not None and cfg.stage != "lora") else model_dir
-    vlm = llavakit.load(base, dtype=torch.float32, device=device)
+    vlm = open_checkpoint(base, dtype=torch.float32, device=device)  # not llavakit.load: no engine in training
     model = vlm.model
     adapters = None
     if cfg.stage == "lora":

@@ -206,9 +206,9 @@ def apply_adapter(model: nn.Module, folder: Path) -> Adapters:
 
 def merge_lora(base: str | Path, adapter: Path, out: Path) -> Path:
     """`llavakit merge-lora`: base checkpoint + PEFT adapter → a full checkpoint folder."""
-    import llavakit
+    from ..checkpoint import open_checkpoint
 
-    vlm = llavakit.load(base, dtype="float32")
+    vlm = open_checkpoint(base, dtype="float32")
     adapters = apply_adapter(vlm.model, Path(adapter))
     merge(vlm.model, adapters)
     return vlm.save_pretrained(out)

@@ -30,16 +30,16 @@ import torch.nn.functional as F
 
 from ..config import VisionConfig
 from ..errors import ConfigError
+from ..families import TOWERS
 from ..model.vision import VisionTower
-from ..processing.image import HALF_MEAN_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..progress import StatusLine, clock
 from ..weights import write_tensors
 from . import shapes as S
 from .assemble import _VISION, VISION_SIZE_KEYS, _init_random, parse_spec
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
-_ARCH = {"siglip_vision_model": "SiglipVisionModel", "clip_vision_model": "CLIPVisionModel"}
-_STATS = {"siglip_vision_model": (HALF_MEAN_STD, HALF_MEAN_STD), "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+_ARCH = {k: t.architecture for k, t in TOWERS.items()}
+_STATS = {k: (t.mean, t.std) for k, t in TOWERS.items()}
 
 
 def token_labels(shapes, size: int, patch: int) -> list[int]:
@@ -171,9 +171,9 @@ def save_tower(tower: VisionTower, out: Path, cfg_dict: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     mean, std = _STATS[model_type]
     side = cfg_dict["image_size"]
-    processor = {"image_processor_type": "SiglipImageProcessor" if model_type == "siglip_vision_model"
-                 else "CLIPImageProcessor", "do_resize": True, "size": {"height": side, "width": side},
-                 "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    processor = {"image_processor_type": TOWERS[model_type].image_processor_type, "do_resize": True,
+                 "size": {"height": side, "width": side}, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True,
                  "image_mean": list(mean), "image_std": list(std), "do_center_crop": False,
                  "crop_size": {"height": side, "width": side}}
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

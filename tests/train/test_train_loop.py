@@ -243,7 +243,7 @@ def test_a_non_empty_out_is_refused_before_any_work_and_left_untouched(base, tmp
     def no_work(*_, **__):
         raise AssertionError("the refusal must come before the model or the data are read")
 
-    monkeypatch.setattr(llavakit, "load", no_work)
+    monkeypatch.setattr("llavakit.checkpoint.open_checkpoint", no_work)
     monkeypatch.setattr("llavakit.train.loop.load_dataset", no_work)
     for extra in [(), ("--resume",), ("--overwrite", "--resume")]:
         assert main(_train_args(model, data, out, *extra)) == 2, extra
