@@ -210,6 +210,7 @@ def create_app(engine, config: ServerConfig = ServerConfig(), loopback: bool = T
         return {"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "llavakit",
             "root": config.served_model_name, "max_model_len": service.context, "model_type": vlm.config.model_type,
+            "family": vlm.config.family.display_name,
             "input_modalities": ["text", "image"] + (["video"] if service.takes_video else [])}]}
 
     @app.get("/health")

@@ -18,6 +18,9 @@ def test_models_and_health(server, name):
     assert s.get("/health") == (200, b'{"status":"ok"}')
     models = s.client().models.list()
     assert [m.id for m in models.data] == [name]
+    card = models.data[0].model_dump()
+    display = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
+    assert card["family"] == display[card["model_type"]]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -15,7 +15,6 @@ const ui = {
 };
 const KEY_STORE = "llavakit-api-key";
 const CHAT_STORE = "llavakit-chat";
-const FAMILIES = { llava: "LLaVA-1.5", llava_next: "LLaVA-NeXT", llava_onevision: "LLaVA-OneVision" };
 const MIME = {
   png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
   bmp: "image/bmp", tif: "image/tiff", tiff: "image/tiff", mp4: "video/mp4", webm: "video/webm",
@@ -135,7 +134,7 @@ async function loadModel() {
     const card = (await res.json()).data[0];
     state.model = card;
     state.video = (card.input_modalities || []).includes("video");
-    const family = FAMILIES[card.model_type] || card.model_type || "unknown family";
+    const family = card.family || card.model_type || "unknown family";  // the server names its family
     const parts = [card.id, family];
     if (card.max_model_len) parts.push(`context ${card.max_model_len} tokens`);
     ui.model.textContent = parts.join(" · ");
