@@ -43,6 +43,13 @@ class StatusLine:
         self.stream.write(("\n" if self.tty else "") + text + "\n")
         self.stream.flush()
 
+    def update(self, text: str, last: bool) -> None:
+        """`close(text)` for the last status of a job, else `show(text)`."""
+        if last:
+            self.close(text)
+        else:
+            self.show(text)
+
     def close(self, text: str) -> None:
         """The final status, always shown, and the end of the line."""
         self.stream.write(("\r" + text + "\x1b[K" if self.tty else text) + "\n")

@@ -80,9 +80,6 @@ def evaluate_file(vlm, data: Path, limit: int | None = None, window: int = 32, m
             done = min(i + window, len(items))
             text = (f"[{done}/{len(items)}] accuracy {100 * result.accuracy:.1f}% | "
                     f"{done / (time.perf_counter() - start):.1f} questions/s")
-            if done == len(items):
-                status.close(text)
-            else:
-                status.show(text)
+            status.update(text, last=done == len(items))
     result.seconds = time.perf_counter() - start
     return result

@@ -209,10 +209,7 @@ def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None, progre
                 eta = elapsed / done * (len(records) - done)
                 text = (f"[{label} {done}/{len(records)} {100 * done / len(records):5.1f}%] loss "
                         f"{total / max(count, 1):.4f} | {clock(elapsed)} < {clock(eta)}")
-                if done == len(records):
-                    status.close(text)
-                else:
-                    status.show(text)
+                status.update(text, last=done == len(records))
     model.train(was_training)
     return total / max(count, 1)
 
@@ -348,10 +345,7 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
             eta = elapsed / (state.step - start_step) * (total - state.step)
             text = (f"[{state.step}/{total} {100 * state.step / total:5.1f}%] loss {step_loss:.4f} "
                     f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} samples/s | {clock(elapsed)} < {clock(eta)}")
-            if state.step == total:
-                status.close(text)
-            else:
-                status.show(text)
+            status.update(text, last=state.step == total)
         if cfg.eval_every and eval_records and state.step % cfg.eval_every == 0 and state.step < total:
             # Its own status line, ended with the loss, replaces the training's until the next step.
             last_eval = evaluate(vlm, eval_records, cfg, progress=progress, label=f"step {state.step}: eval")
