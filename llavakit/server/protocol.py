@@ -242,20 +242,20 @@ def _param(loc: tuple, data: Any) -> str | None:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _lone_surrogate(value: Any, path: str) -> str | None:
-    """The path of the first string holding an unpaired UTF-16 surrogate (JSON allows "\\ud800"; UTF-8 does not)."""
+def _lone_surrogate(value: Any, loc: tuple = ()) -> tuple | None:
+    """The location of the first string (or key) holding an unpaired UTF-16 surrogate (JSON allows
+    "\\ud800"; UTF-8 does not), as a key path for `_param`; None when there is none."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return path or "request"
+            return loc
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if isinstance(key, str) and _lone_surrogate(key, path) is not None:
-            return path or "request"
-        found = _lone_surrogate(item, f"{path}.{key}" if isinstance(key, str) and path else
-                                f"{path}[{key}]" if isinstance(key, int) else str(key))
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return loc
+        found = _lone_surrogate(item, loc + (key,))
         if found is not None:
             return found
     return None
@@ -311,8 +311,9 @@ def parse_request(body: bytes, max_messages: int = 2048, max_text_chars: int = 1
         raise BadRequest(f"the request body must be a JSON object, got a JSON {type(data).__name__}.",
                          code="invalid_json")
     if _SURROGATE_ESCAPE.search(body):  # only then can a decoded string hold a lone surrogate
-        where = _lone_surrogate(data, "")
-        if where is not None:
+        loc = _lone_surrogate(data)
+        if loc is not None:
+            where = _param(loc, data) or "request"
             raise BadRequest(f"{where}: the text holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff "
                              "without its pair), which is not Unicode text; send valid UTF-8.", param=where,
                              code="invalid_unicode")
