@@ -3,6 +3,7 @@ then bench/compare.py on the GPU for a small and a 7B preset, all inside a wall-
 
     PYTHONPATH=. python3 bench/gpu_check.py --out "$OUT"                       # the GPU run, about 7 minutes
     PYTHONPATH=. python3 bench/gpu_check.py --device cpu --quick --out out-cpu  # the same logic on a CPU
+    PYTHONPATH=. python3 bench/gpu_check.py --tensor-parallel 2 --out "$OUT"   # only the tensor-parallel check
 
 Steps, each printed in a line or two (the log of everything is <out>/gpu_check.log):
   1. versions: torch, CUDA, transformers, the GPU;
@@ -19,6 +20,12 @@ Steps, each printed in a line or two (the log of everything is <out>/gpu_check.l
      graph against the same step run eagerly (tokens/s, same tokens).
 Results go to <out> as they are made: smoke.json, <preset>-...-cuda.json/.md, gpu_check.log. The
 whole run ends within --budget seconds; a benchmark stopped by its limit still writes what it measured.
+
+With --tensor-parallel N (a machine with N GPUs; with fewer it says so and stops) the run is only the
+tensor-parallel check instead: the `tiny` checkpoint in float32 (TF32 off) on one GPU against N ranks
+(NCCL, one GPU each): logits of a padded two-image batch (max |diff| <= 1e-3), greedy engine tokens;
+then the small preset in bf16, batch-1 decode and a 1,024-token prefill, 1 GPU against N. Written to
+<out>/tensor_parallel.json.
 Needs torch, transformers, tokenizers, safetensors, jinja2, pillow, numpy; not pytest, fastapi or av.
 """
 
@@ -102,6 +109,65 @@ def _env() -> dict:
                HF_HUB_DISABLE_PROGRESS_BARS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+# ───────────────────────────── tensor parallel (--tensor-parallel N) ─────────────────────────────
+
+
+def tensor_parallel_check(n: int, device: str, work: Path, cache: Path, small: str, layers: int | None) -> dict:
+    """One device against N tensor-parallel ranks: the same numbers, and the speed of each; nothing raised."""
+    import torch
+
+    import llavakit
+    from llavakit.random_init import make_random_checkpoint
+    from llamacpp import LlavakitEngine
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    r: dict = {"size": n, "checks": {}}
+    have = torch.cuda.device_count() if device == "cuda" else os.cpu_count()
+    if have < n:
+        say(f"  tensor parallel {n} needs {n} {'GPUs' if device == 'cuda' else 'cores'}; this machine has {have}")
+        return {**r, "ok": None, "skipped": f"{have} devices"}
+    ck = make_random_checkpoint(work / "tiny", "tiny")  # float32
+    convs = [compare._conv(compare._image(0, 384, 384), "What is in the picture?"),
+             compare._conv(compare._image(1, 640, 480), "Describe the image in detail, please, with every colour.")]
+    try:
+        one = llavakit.load(ck, dtype="float32", device=device)
+        tp = llavakit.load(ck, dtype="float32", device=device, tensor_parallel_size=n)
+        batch = one.prepare(convs)
+        valid = batch.attention_mask.bool()
+        diff = float((one.forward(batch) - tp.forward(batch)).abs()[valid].max())
+        params = llavakit.SamplingParams(max_new_tokens=24, ignore_eos=True)
+        same = [o.token_ids for o in one.generate(convs, params)] == [o.token_ids for o in tp.generate(convs, params)]
+        r["checks"] = {"logits_fp32": {"ok": diff <= 1e-3, "detail": f"max |diff| {diff:.2e}"},
+                       "greedy_engine": {"ok": same,
+                                         "detail": "2 requests x 24 tokens " + ("equal" if same else "DIFFER")}}
+        tp.close()
+        del one, tp
+        ckpt = compare.checkpoint_dir(cache, small, layers, "bfloat16")
+        if not (ckpt / "config.json").is_file():
+            make_random_checkpoint(ckpt, preset=small, layers=layers, dtype=torch.bfloat16)
+        vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
+        prompt = [300 + (i * 7919) % min(vocab - 300, 20000) for i in range(1024)]
+        for size in (1, n):
+            vlm = llavakit.load(ckpt, dtype="bfloat16", device=device, tensor_parallel_size=size)
+            engine = LlavakitEngine(vlm)
+            engine.decode(prompt[:64], 8)  # warm-up
+            r[f"decode_tok_s_{size}"] = 1 / engine.decode(prompt[:64], 128)
+            r[f"prefill_1024_s_{size}"] = engine.prefill(prompt)
+            vlm.close()
+            del vlm, engine
+            torch.cuda.empty_cache()
+        say(f"  {small} bf16: decode {r['decode_tok_s_1']:.1f} tok/s in one process, {r[f'decode_tok_s_{n}']:.1f} on "
+            f"{n} ranks; 1,024-token prefill {r['prefill_1024_s_1']:.3f} s against {r[f'prefill_1024_s_{n}']:.3f} s")
+    except Exception as e:
+        r["error"] = traceback.format_exc()[-3000:]
+        say(f"  tensor parallel crashed: {type(e).__name__}: {e}")
+    for name, c in r["checks"].items():
+        say(f"  {'PASS' if c['ok'] else 'FAIL'} {name}: {c['detail']}")
+    r["ok"] = bool(r["checks"]) and all(c["ok"] for c in r["checks"].values()) and "error" not in r
+    return r
 
 
 # ───────────────────────────── 3. smoke ─────────────────────────────
@@ -320,6 +386,8 @@ def main() -> int:
     p.add_argument("--small", default="llava-onevision-qwen2-0.5b")
     p.add_argument("--big", default="llava-1.5-7b")
     p.add_argument("--skip-smoke", action="store_true")
+    p.add_argument("--tensor-parallel", type=int, default=0, metavar="N",
+                   help="run only the tensor-parallel check over N devices (see above)")
     args = p.parse_args()
     end = START + args.budget
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,6 +400,13 @@ def main() -> int:
         return 2
     v = versions(args.device)
     say("== versions: " + ", ".join(f"{k} {v[k]}" for k in v))
+    if args.tensor_parallel:
+        say(f"== tensor parallel: {args.tensor_parallel} ranks against one {args.device}")
+        result = tensor_parallel_check(args.tensor_parallel, args.device, args.cache / "gpu_check_tp", args.cache,
+                                       args.small, 1 if args.quick else None)
+        (args.out / "tensor_parallel.json").write_text(json.dumps({"versions": v, **result}, indent=2))
+        say(f"== done: tensor parallel {'PASS' if result['ok'] else 'skipped' if result['ok'] is None else 'FAIL'}")
+        return 0
 
     if args.quick:  # enough to run every line of this script and of compare.py, quickly
         small_layers, big_layers = 1, 1

@@ -172,8 +172,8 @@ class LlavakitEngine:
         from llavakit import SamplingParams
         from llavakit.processing.processor import Encoded
 
-        enc = Encoded(prompt="", input_ids=list(ids), pixel_values=None, image_sizes=(), image_tiled=(),
-                      video_pixels=None, video_frames=())
+        enc = Encoded(prompt="", input_ids=list(ids), pixel_values=None, image_layouts=(),
+                      video_pixels=None, video_layouts=())
         self.engine.clear_caches()
         self.engine.add_request("bench", enc, SamplingParams(max_new_tokens=n, ignore_eos=True))
 

@@ -2,12 +2,19 @@
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --num-prompts 64 --max-concurrency 1,4,8,16
     python bench/serve.py --model DIR --num-prompts 32 --request-rate 2      # starts the server itself
+    python bench/serve.py --model llava-shapes --replicas 1,2 --num-prompts 64  # one process against Ray Serve
 
 Requests are synthetic: `--images` random images of `--image-size` plus a question, streamed
 with `ignore_eos` so every answer has exactly `--max-tokens` tokens (random weights never stop by
 themselves). Arrivals follow a Poisson process at `--request-rate` (inf: all at once), capped at
 `--max-concurrency` in flight; a comma list of concurrencies runs one pass each. Vision tokens
 (the prompt tokens images add) are measured once with a text-only twin and reported apart.
+
+`--replicas 1,2` starts one server per count (1: the one-process server; more: `--replicas N` on
+a local Ray cluster, once with media affinity and once without) and sends each the same mixed
+requests: text alone, one or two images drawn from a pool of `--distinct-images` (default 8, so
+pictures repeat as in conversations), answers of several lengths, streamed and whole. It reports
+throughput, latency, the image-cache hit rate and the resident memory of every process.
 
 The HTTP client is a small asyncio one (one connection per request, chunked SSE parsed by hand),
 so client overhead stays small next to the server's on the same 2-core machine.
@@ -273,6 +280,113 @@ async def run_pass(host: str, port: int, bodies: list[dict], rate: float, concur
     return list(results), time.perf_counter() - start
 
 
+# ───────────────────────────── replicas: one process against Ray Serve ─────────────────────────────
+
+
+def mixed_bodies(model: str, n: int, pool: list[str], max_tokens: int, seed: int) -> list[dict]:
+    """n requests: a quarter text alone, half one image, a quarter two images, the images drawn from
+    `pool`; answers of max_tokens / 2, max_tokens and 1.5 x max_tokens; every other one streamed."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(n):
+        kind = i % 4
+        images = [] if kind == 0 else rng.sample(pool, 2) if kind == 3 else [rng.choice(pool)]
+        bodies.append(make_request(model, QUESTIONS[i % len(QUESTIONS)], images, max_tokens * (1 + i % 3) // 2,
+                                   stream=i % 2 == 0, ignore_eos=True))
+    return bodies
+
+
+def scrape(host: str, port: int) -> dict[str, float]:
+    """The server's /metrics as {'name{label="v",...}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.create_connection((host, port), timeout=30) as c:
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while piece := c.recv(65536):
+            raw += piece
+    out = {}
+    for family in text_string_to_metric_families(raw.split(b"\r\n\r\n", 1)[1].decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
+def replica_memory(metrics: dict[str, float]) -> list[float]:
+    """Resident memory of each replica in MB, from the replicated server's /metrics."""
+    return sorted(v / 2**20 for k, v in metrics.items() if k.startswith("llavakit_replica_resident_memory_bytes{"))
+
+
+def run_replicas(args, counts: list[int]) -> dict:
+    """One server per replica count (and affinity setting), the same mixed requests to each; the reports."""
+    import psutil
+
+    w, h = (int(x) for x in args.image_size.lower().split("x"))
+    concurrency = int(args.max_concurrency.split(",")[0])
+    runs = {}
+    for n in counts:
+        for affinity in ((True, False) if n > 1 else (True,)):
+            flags = list(args.server_flag)
+            if n > 1:
+                flags += ["--replicas", str(n)] + ([] if affinity else ["--no-media-affinity"])
+            name = "one process" if n == 1 else f"{n} replicas, {'media affinity' if affinity else 'by load only'}"
+            started = time.perf_counter()
+            proc, base = launch(args.model, flags)
+            startup = time.perf_counter() - started
+            try:
+                url = urlsplit(base)
+                host, port = url.hostname, url.port
+                model = served_model(host, port)
+                # warm-up: the first request of each replica pays for lazy initialisation
+                warm = [make_request(model, QUESTIONS[0], [png_data_url(w, h, 10**6 + i)], 4, False)
+                        for i in range(2 * n)]
+                asyncio.run(run_pass(host, port, warm, float("inf"), 2 * n, args.timeout, args.seed))
+                before = scrape(host, port)
+                results, wall = [], 0.0
+                for rerun in range(args.repeat):  # each pass with pictures of its own: caches start cold
+                    pool = [png_data_url(w, h, (args.seed * 1000 + rerun) * 100_003 + i)
+                            for i in range(args.distinct_images or 8)]
+                    bodies = mixed_bodies(model, args.num_prompts, pool, args.max_tokens, args.seed + rerun)
+                    got, took = asyncio.run(run_pass(host, port, bodies, args.request_rate, concurrency, args.timeout,
+                                                     args.seed))
+                    results, wall = results + got, wall + took
+                time.sleep(1.5)  # the replicas' last requests finish their bookkeeping
+                after = scrape(host, port)
+                rep = report(results, wall, 0)
+
+                def grew(name: str) -> float:
+                    return after.get(name, 0.0) - before.get(name, 0.0)
+
+                hits, misses = grew("llavakit_image_cache_hits_total"), grew("llavakit_image_cache_misses_total")
+                rep.update(startup_s=startup, image_cache_hits=hits, image_cache_misses=misses,
+                           image_cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                           vision_s=grew("llavakit_vision_seconds_total"),
+                           prefix_hit_tokens=grew("llavakit_prefix_cache_hit_tokens_total"),
+                           server_rss_mb=psutil.Process(proc.pid).memory_info().rss / 2**20,
+                           replica_rss_mb=replica_memory(after))
+            finally:
+                status = stop(proc)
+            rep["exit_status"] = status
+            runs[name] = rep
+            print_report(f"{name}: {args.repeat} x {args.num_prompts} mixed requests, max concurrency {concurrency}",
+                         rep)
+            print(f"image cache {hits:.0f} hits / {misses:.0f} misses ({rep['image_cache_hit_rate']:.0%}); vision "
+                  f"{rep['vision_s']:.2f} s; prefix-cache hits {rep['prefix_hit_tokens']:.0f} tokens; "
+                  f"server RSS {rep['server_rss_mb']:.0f} MB; replicas "
+                  f"{', '.join(f'{m:.0f}' for m in rep['replica_rss_mb']) or '-'} MB; ready in {startup:.1f} s; "
+                  f"exit status {status}")
+    print("\n| server | requests/s | output tok/s | TTFT p50 (ms) | E2E p50 (ms) | image-cache hit rate | "
+          "vision (s) | prefix-cache hit tokens | RSS (MB): front or server + replicas |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, rep in runs.items():
+        memory = " + ".join([f"{rep['server_rss_mb']:.0f}"] + [f"{m:.0f}" for m in rep["replica_rss_mb"]])
+        print(f"| {name} | {rep['request_throughput']:.2f} | {rep['output_tok_s']:.1f} | {rep['ttft_ms']['p50']:.0f} | "
+              f"{rep['e2e_ms']['p50']:.0f} | {rep['image_cache_hit_rate']:.0%} | {rep['vision_s']:.2f} | "
+              f"{rep['prefix_hit_tokens']:.0f} | {memory} |")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -288,7 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the reports here")
+    p.add_argument("--replicas", help="with --model: a comma list of replica counts, one server each, mixed requests "
+                   "(see above)")
+    p.add_argument("--repeat", type=int, default=1, help="--replicas: passes per server, each with new pictures")
     args = p.parse_args(argv)
+    if args.replicas:
+        if not args.model:
+            raise SystemExit("--replicas starts its own servers: give --model")
+        runs = run_replicas(args, [int(c) for c in args.replicas.split(",")])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "reports": runs}, indent=2, default=str))
+        return 1 if any(r["failed"] or r["exit_status"] for r in runs.values()) else 0
 
     proc = None
     base = args.base_url

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # type checkers and IDEs see the names; at run time __getattr__ imports them
     from .api import VLM, ChatOutput, load
     from .engine.sampling import SamplingParams
-    from .errors import (ConfigError, GenerationError, ImageError, LlavakitError, PromptError, TokenFeatureMismatch,
-                         VideoError, WeightsError)
+    from .errors import (ConfigError, GenerationError, ImageError, LlavakitError, ParallelError, PromptError,
+                         TokenFeatureMismatch, VideoError, WeightsError)
     from .processing.processor import Batch
 
 # The version's one literal, for a source tree that was never installed; an installed package
@@ -44,11 +44,13 @@ _LAZY = {
     "PromptError": ".errors",
     "TokenFeatureMismatch": ".errors",
     "GenerationError": ".errors",
+    "ParallelError": ".errors",
 }
 
 __all__ = [
     "load", "VLM", "ChatOutput", "Batch", "SamplingParams", "LlavakitError", "ConfigError", "WeightsError",
-    "ImageError", "VideoError", "PromptError", "TokenFeatureMismatch", "GenerationError", "__version__",
+    "ImageError", "VideoError", "PromptError", "TokenFeatureMismatch", "GenerationError", "ParallelError",
+    "__version__",
 ]
 
 

@@ -21,8 +21,10 @@ are pooled to ceil(p/2) x ceil(p/2) and the video ends with one newline.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 Size = tuple[int, int]
+Bounds = tuple[int, int, int, int]  # (top, bottom, left, right)
 
 
 def tile_feature_count(image_size: int, patch_size: int, has_class_token: bool, strategy: str) -> int:
@@ -127,17 +129,9 @@ def image_feature_shape(size: Size, pinpoints: tuple[Size, ...], tile: int, patc
 
 def image_token_count(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_side: int,
                       base_features: int, max_tiles: int | None, tiled: bool) -> int:
-    """`<image>` tokens of one image.
-
-    No pinpoints (LLaVA-1.5): the base tile only. Untiled (a OneVision image among several):
-    base + one newline. Tiled: base + final feature grid + one newline per row.
-    """
-    if not pinpoints:
-        return base_features
-    if not tiled:
-        return base_features + 1
-    _, (rows, cols) = image_feature_shape(size, pinpoints, tile, patches_per_side, max_tiles)
-    return base_features + rows * (cols + 1)
+    """`<image>` tokens of one image (see `image_layout`, which this reads)."""
+    geom = Geometry(tile, patches_per_side, base_features, pinpoints, max_tiles, newline=bool(pinpoints))
+    return image_layout(size, geom, tiled).tokens
 
 
 def next_feature_count(size: Size, pinpoints: tuple[Size, ...], tile: int, patches_per_side: int,
@@ -152,5 +146,89 @@ def pooled_side(patches_per_side: int) -> int:
 
 
 def video_token_count(frames: int, patches_per_side: int) -> int:
-    """`<video>` tokens of one video: every frame's pooled grid, then one newline."""
+    """`<video>` tokens of one OneVision video: every frame's pooled grid, then one newline."""
     return frames * pooled_side(patches_per_side) ** 2 + 1
+
+
+# -- layouts: every geometric fact of one image or video, computed once -------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """The facts of a checkpoint that decide every layout (LlavaConfig.geometry builds it)."""
+
+    tile: int  # side of one tower input, pixels
+    patches_per_side: int  # p: a tile's feature grid is p x p
+    base_features: int  # features of one tile after the select strategy
+    pinpoints: tuple[Size, ...] = ()  # any-resolution candidates (h, w); () = one tile per image
+    max_tiles: int | None = None  # OneVision's anyres_max_N cap; None = no cap
+    newline: bool = False  # a learned newline ends feature rows (and follows an untiled image's base view)
+    video_side: int | None = None  # side of a frame's grid after pooling; None = the family takes no video
+    video_newline: bool = False  # one newline after a video's frames
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """One image: its tower inputs and how its features are laid out in the prompt.
+
+    Decided once by the processor when it prepares the image; the engine and the model read it.
+    Untiled (LLaVA-1.5, a OneVision image among several, `detail: low`): one square tile, its base
+    features, then one newline when the family has one. Tiled: the base view, then `grid` tiles whose
+    stitched features are cut to `bounds` (padding removed), scaled to `features` (the anyres_max cap)
+    and end each row with a newline.
+    """
+
+    size: Size  # (h, w) of the image after RGB conversion
+    tiled: bool
+    base: int  # features of the base view
+    newline: bool = False  # untiled: a newline after the base view
+    grid: Size = (0, 0)  # tiled: (rows, cols) of tiles
+    bounds: Bounds = (0, 0, 0, 0)  # tiled: the image's part of the stitched (rows*p, cols*p) feature grid
+    features: Size = (0, 0)  # tiled: (rows, cols) of grid features after the cap
+
+    @property
+    def tiles(self) -> int:
+        """Tower inputs: the base view, plus the grid when tiled."""
+        return self.grid[0] * self.grid[1] + 1 if self.tiled else 1
+
+    @property
+    def tokens(self) -> int:
+        """`<image>` tokens = features the model emits for this image."""
+        if self.tiled:
+            rows, cols = self.features
+            return self.base + rows * (cols + 1)
+        return self.base + int(self.newline)
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """One video: its sampled frames, each frame's pooled grid side, and a closing newline or not."""
+
+    frames: int
+    side: int
+    newline: bool
+
+    @property
+    def tiles(self) -> int:
+        """Tower inputs: one per frame."""
+        return self.frames
+
+    @property
+    def tokens(self) -> int:
+        """`<video>` tokens = features the model emits for this video."""
+        return self.frames * self.side**2 + int(self.newline)
+
+
+def image_layout(size: Size, geom: Geometry, tiled: bool) -> ImageLayout:
+    """The layout of one (h, w) image; `tiled` is ignored (False) for checkpoints without pinpoints."""
+    if not geom.pinpoints or not tiled:
+        return ImageLayout(size, False, geom.base_features, newline=geom.newline)
+    grid = grid_shape(size, geom.pinpoints, geom.tile)
+    bounds, features = image_feature_shape(size, geom.pinpoints, geom.tile, geom.patches_per_side, geom.max_tiles)
+    return ImageLayout(size, True, geom.base_features, geom.newline, grid, bounds, features)
+
+
+def video_layout(frames: int, geom: Geometry) -> VideoLayout:
+    """The layout of a video of `frames` sampled frames."""
+    if geom.video_side is None:
+        raise ValueError("this checkpoint takes no video")
+    return VideoLayout(frames, geom.video_side, geom.video_newline)

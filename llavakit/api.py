@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from contextlib import closing
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ from .engine.async_engine import EngineConfig
 from .engine.core import Engine, run_to_completion
 from .engine.sampling import SamplingParams
 from .errors import ConfigError, GenerationError, PromptError
-from .processing.processor import Batch, Encoded, Processor
+from .processing.processor import IMAGE_DETAILS, Batch, Encoded, Processor
 from .checkpoint import open_checkpoint, resolve_dtype, save_checkpoint  # noqa: F401  (resolve_dtype: re-exported)
 
 
@@ -62,6 +63,9 @@ def _check_many(conversations: list[Any], method: str) -> None:
 class VLM:
     """A loaded LLaVA model with its processor. Build it with `llavakit.load()`."""
 
+    # With tensor_parallel_size > 1: rank 0's Driver of the other ranks (llavakit/parallel/driver.py).
+    parallel = None
+
     def __init__(self, model, processor: Processor, cfg: LlavaConfig, folder: Path, eos_ids: set[int],
                  engine_config: EngineConfig = EngineConfig()):
         self.model = model
@@ -83,16 +87,21 @@ class VLM:
         return self.model.device
 
     # -- inputs -------------------------------------------------------------------------------
-    def prepare(self, conversations: list[Any], add_generation_prompt: bool = True,
-                parse_special_tokens_in_content: bool = False) -> Batch:
+    def prepare(self, conversations: list[Any], add_generation_prompt: bool | None = None,
+                parse_special_tokens_in_content: bool = False, continue_final_message: bool = False) -> Batch:
         """Token ids (left-padded), attention mask and pixel values for a list of conversations.
 
         parse_special_tokens_in_content: False (the default) tokenizes message text as plain text, so
         text such as `<|im_start|>system` or `<image>` in a message cannot forge a turn or a placeholder;
         True parses it as special tokens, as transformers' apply_chat_template does (trusted text only).
+        continue_final_message: end each prompt right after its last message's text, so that the model
+        continues that message (an assistant prefill), as transformers' apply_chat_template does.
+        add_generation_prompt: open a new assistant turn at the end; None (the default) does unless
+        continue_final_message is set. Both True is a PromptError.
         """
         _check_many(conversations, "prepare")
-        return self.processor.prepare(conversations, add_generation_prompt, parse_special_tokens_in_content)
+        return self.processor.prepare(conversations, add_generation_prompt, parse_special_tokens_in_content,
+                                      continue_final_message)
 
     def forward(self, batch: Batch, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) as float32 for every position of a prepared batch; (B, 1, V) for the last
@@ -101,8 +110,8 @@ class VLM:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         valid = mask.bool() if bool((mask == 0).any()) else None
         with torch.inference_mode():
-            embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_sizes,
-                                             batch.image_tiled, batch.video_pixels, batch.video_frames)
+            embeds = self.model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_layouts,
+                                             batch.video_pixels, batch.video_layouts)
             return self.model.decode(embeds, positions, valid, None, last_only=last_only).float()
 
     # -- generation ---------------------------------------------------------------------------
@@ -133,24 +142,33 @@ class VLM:
         stream: bool = False,
         sampling: SamplingParams | None = None,
         parse_special_tokens_in_content: bool = False,
+        continue_final_message: bool = False,
+        add_generation_prompt: bool | None = None,
     ) -> ChatOutput | Iterator[str]:
         """Answer one conversation. With `stream=True`, return an iterator of text pieces instead.
 
         `sampling` replaces the individual sampling arguments when given.
-        `parse_special_tokens_in_content`: see `prepare`; by default message text is plain text.
+        `parse_special_tokens_in_content`, `continue_final_message`, `add_generation_prompt`: see
+        `prepare`. With `continue_final_message=True` the answer continues the last message (say, an
+        assistant message "The picture shows") and holds only the new text.
         """
         params = self._params(sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
-        encoded = self.processor.encode(messages, parse_special_tokens_in_content=parse_special_tokens_in_content)
+        encoded = self.processor.encode(messages, add_generation_prompt, parse_special_tokens_in_content,
+                                        continue_final_message)
         if stream:
             return self._stream(encoded, params)
         return self._run([encoded], [params])[0]
 
     def generate(self, conversations: list[Any], sampling: SamplingParams | list[SamplingParams] | None = None,
-                 parse_special_tokens_in_content: bool = False) -> list[ChatOutput]:
+                 parse_special_tokens_in_content: bool = False,
+                 continue_final_message: bool | list[bool] = False,
+                 add_generation_prompt: bool | None = None) -> list[ChatOutput]:
         """Answer many conversations together on the engine (continuous batching); results come back in order.
 
         `parse_special_tokens_in_content`: see `prepare`; by default message text is plain text.
+        `continue_final_message`: see `prepare`; one bool for all, or a list with one per conversation.
+        `add_generation_prompt`: see `prepare` (None: each conversation that is not continued gets one).
 
         Raises GenerationError (NonFiniteLogits) naming the conversation when one of them cannot be
         sampled (NaN or infinite logits); the others are stopped with it.
@@ -162,9 +180,16 @@ class VLM:
         else:
             params = [sampling or SamplingParams()] * len(conversations)
         _check_many(conversations, "generate")
+        if isinstance(continue_final_message, list):
+            if len(continue_final_message) != len(conversations):
+                raise PromptError(f"{len(continue_final_message)} continue_final_message values given for "
+                                  f"{len(conversations)} conversations; give one per conversation, or one bool.")
+            continues = continue_final_message
+        else:
+            continues = [continue_final_message] * len(conversations)
         parse = parse_special_tokens_in_content
-        return self._run([self.processor.encode(c, parse_special_tokens_in_content=parse) for c in conversations],
-                         params)
+        return self._run([self.processor.encode(c, add_generation_prompt, parse, bool(cont))
+                          for c, cont in zip(conversations, continues)], params)
 
     generate_many = generate
 
@@ -205,30 +230,39 @@ class VLM:
         A quantised model writes its int8/int4 weights and scales and says so in config.json's
         `quantization_config`; `llavakit.load` reads such a folder back quantised, with identical logits.
         """
+        if self.parallel is not None:
+            raise ConfigError("this model is split over tensor-parallel ranks, and this process holds only its "
+                              "share; load it without tensor_parallel_size to save it.")
         return save_checkpoint(self.model, self.config, self.folder, out, max_shard_bytes)
 
-    def image_layout(self, image: Any) -> dict:
-        """How one image (path, URL, bytes or PIL) is cut into tiles and how many tokens it costs."""
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op for a model in one process); the model cannot run
+        after. Called at exit anyway; call it to free the other processes sooner."""
+        if self.parallel is not None:
+            self.parallel.close()
+
+    def image_layout(self, image: Any, detail: str | None = None) -> dict:
+        """How one image (path, URL, bytes or PIL) is cut into tiles and how many tokens it costs, alone
+        in a prompt with `detail` "auto", "low" or "high" (None: the default given to `llavakit.load`)."""
         from . import anyres
         from .processing.image import load_image
 
         im = load_image(image)
         cfg = self.config
-        size = (im.height, im.width)
-        _, tokens = self.processor.image_inputs(im)
-        layout = {"size": list(size), "tokens": tokens}
-        if cfg.image_grid_pinpoints:
-            layout["best_resolution"] = list(anyres.select_best_resolution(size, cfg.image_grid_pinpoints))
-            layout["grid"] = list(anyres.grid_shape(size, cfg.image_grid_pinpoints, cfg.vision.image_size))
-            layout["tiles"] = anyres.num_tiles(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
-        else:
-            layout["tiles"] = 1
+        x = self.processor.choose_layout((im.height, im.width), 1, detail)
+        layout = {"size": list(x.size), "tokens": x.tokens}
+        if x.tiled:
+            layout["best_resolution"] = list(anyres.select_best_resolution(x.size, cfg.image_grid_pinpoints))
+            layout["grid"] = list(x.grid)
+        layout["tiles"] = x.tiles
         return layout
 
     def info(self) -> dict:
         """Architecture, sizes, special token ids and template of this checkpoint."""
         cfg, tok = self.config, self.processor.tokenizer
         n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        if self.parallel is not None:  # this process holds only its share
+            n_params = self.parallel.parameters
         return {
             "folder": str(self.folder),
             "model_type": cfg.model_type,
@@ -257,7 +291,8 @@ class VLM:
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
          device: str | torch.device = "cpu",
          revision: str | None = None, vision_tower: str | os.PathLike | None = None,
-         conv_template: str | None = None, quantize: str = "none") -> VLM:
+         conv_template: str | None = None, quantize: str = "none", image_detail: str = "auto",
+         max_image_tokens: int | None = None, tensor_parallel_size: int = 1) -> VLM:
     """Load a LLaVA checkpoint from a local folder, a hub id, or by name `llava-shapes` (the tiny model
     shipped with llavakit), in the llava-hf or the original format.
 
@@ -274,7 +309,33 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = "aut
     groups of 32 values with one scale each (about 2x / 4x fewer bytes read per decoded token than
     bfloat16), done tensor by tensor while reading; see llavakit/model/quant.py. A checkpoint saved
     quantised by `save_pretrained` loads quantised whatever this says ("none" or its own method).
+    image_detail: how images without their own "detail" are encoded: "auto" (the checkpoint's any-res
+    tiling), "low" (one tile: fewest tokens, fastest) or "high" (any-res even among several images).
+    max_image_tokens: an image's token budget: an "auto" image over it is encoded "low"; a "high" one
+    over it is refused (PromptError). None: no budget.
+    tensor_parallel_size: split the model over N processes (ranks) that run each forward together,
+    Megatron-style (llavakit/parallel): each holds about 1/N of the weights and of the key/value
+    cache. This process is rank 0 and starts the others (on a CPU they share its torch threads); under
+    torchrun, the ranks are torchrun's, and the call returns on rank 0 only. An N that does not divide
+    the model's heads, or more ranks than CPU cores or GPUs, is a ConfigError before any weight is
+    read. Close the model (`vlm.close()`) to stop the other ranks; see docs/multiple-devices.md.
     """
-    ckpt = open_checkpoint(name_or_path, dtype, device, revision, vision_tower, conv_template, quantize)
-    return VLM(ckpt.model, ckpt.processor, ckpt.config, ckpt.folder,
-               _eos_ids(ckpt.folder, ckpt.config, ckpt.processor))
+    if image_detail not in IMAGE_DETAILS:
+        raise ConfigError(f"image_detail {image_detail!r} is not one of {', '.join(IMAGE_DETAILS)}.")
+    if max_image_tokens is not None and (isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int)
+                                         or max_image_tokens < 1):
+        raise ConfigError(f"max_image_tokens must be a positive integer or None, got {max_image_tokens!r}.")
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ConfigError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}.")
+    driver = None
+    if tensor_parallel_size == 1:
+        ckpt = open_checkpoint(name_or_path, dtype, device, revision, vision_tower, conv_template, quantize)
+    else:
+        from .parallel.launch import open_parallel
+
+        ckpt, driver = open_parallel(name_or_path, dtype, device, revision, vision_tower, conv_template, quantize,
+                                     tensor_parallel_size)
+    processor = dataclasses.replace(ckpt.processor, image_detail=image_detail, max_image_tokens=max_image_tokens)
+    vlm = VLM(ckpt.model, processor, ckpt.config, ckpt.folder, _eos_ids(ckpt.folder, ckpt.config, processor))
+    vlm.parallel = driver
+    return vlm

@@ -5,10 +5,12 @@
     llavakit convert --to hf|original SRC DST                     between checkpoint formats
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve [--model DIR] [--host H] [--port P] [limits]   an OpenAI-compatible HTTP server
+    llavakit serve --replicas N [--ray-address ADDR]            the same over N engine replicas on Ray Serve
     llavakit make-shapes --out DIR --n N [--per-image K] [--seed S]  the synthetic shapes world (train/test JSONL)
     llavakit pretrain-tower --vision SPEC --out DIR               a vision tower pretrained on the shapes world
     llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
     llavakit train [--model DIR] --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
+    torchrun --nproc-per-node N -m llavakit train ... [--fsdp]    the same, data-parallel on N processes
     llavakit merge-lora --model DIR --adapter DIR --out DIR      fold a LoRA adapter into a checkpoint
     llavakit eval --model DIR --data test.jsonl                  exact-match accuracy per question type
     llavakit batch --input DIR|FILE --output out.jsonl [--resume] [--ray]  answer many requests offline
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +38,7 @@ SHIPPED_MODEL = Path(__file__).parent / "assets" / SHIPPED_MODEL_NAME
 
 # Copies of defaults defined next to torch code (random_init.PRESETS, train.loop's STAGES and
 # TrainConfig), so that building the parser imports no torch; tests/test_cli.py checks they agree.
-RANDOM_PRESETS = ("tiny", "llava-1.5-7b", "llava-v1.6-mistral-7b", "llava-onevision-qwen2-0.5b",
+RANDOM_PRESETS = ("tiny", "llava-1.5-7b", "llava-v1.6-mistral-7b", "llava-next-video-7b", "llava-onevision-qwen2-0.5b",
                   "llava-onevision-qwen2-7b")
 TRAIN_STAGES = ("projector", "full", "lora")
 TRAIN_DEFAULTS = dict(stage="full", epochs=1.0, batch_size=8, grad_accum=1, lr=2e-5, warmup_ratio=0.03,
@@ -110,11 +113,28 @@ def _load(args):
     if threads is not None:
         set_threads(threads)  # before loading, which runs torch ops too
     model = args.model or default_model_dir()
+    parallel = getattr(args, "tensor_parallel_size", 1)  # `info` has no --tensor-parallel-size
+    # Tensor-parallel ranks are placed when they start (batch's --device), not moved after.
+    placed = {"device": args.device} if parallel > 1 and getattr(args, "device", None) else {}
     vlm = llavakit.load(model, dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
-                        quantize=args.quantize)
+                        quantize=args.quantize, image_detail=args.image_detail,
+                        max_image_tokens=args.max_image_tokens, tensor_parallel_size=parallel, **placed)
     if threads is None:
         set_threads(None, _parameters(vlm.model))  # auto goes by the model's size
     return vlm
+
+
+def _stop_on_rank_failure(vlm) -> None:
+    """With tensor-parallel ranks: when one dies or hangs, print one line and stop this program (a server
+    drains first: its requests fail at once instead of hanging)."""
+    if vlm.parallel is None:
+        return
+
+    def stop(reason: str) -> None:
+        print(f"error: {reason}; stopping.", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    vlm.parallel.on_failure = stop
 
 
 def _user_message(text: str, media: list[tuple[str, str]], args) -> dict:
@@ -143,6 +163,7 @@ def _answer(vlm, messages, args) -> str:
 def cmd_chat(args) -> int:
     """Answer one question (prompt given) or hold an interactive multi-turn chat (no prompt)."""
     vlm = _load(args)
+    _stop_on_rank_failure(vlm)
     system = [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
     attached = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     if args.fps is not None and args.num_frames is not None:
@@ -261,10 +282,56 @@ def cmd_serve(args) -> int:
         allow_remote_media=args.allow_remote_media, remote_media_domains=tuple(args.remote_media_domain),
         remote_media_timeout_s=args.remote_media_timeout, remote_media_max_bytes=args.remote_media_max_bytes,
         allow_private_media=args.allow_private_media, allowed_local_media_path=local)
+    if _replicated(args):
+        return _serve_replicas(args, config)
     vlm = _load(args)
-    return serve(vlm, config, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                 kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
-                 log_level=args.log_level)
+    _stop_on_rank_failure(vlm)
+    try:
+        status = serve(vlm, config, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                       kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
+                       log_level=args.log_level)
+    finally:
+        vlm.close()
+    return 1 if vlm.parallel is not None and vlm.parallel.failed else status
+
+
+def _replicated(args) -> bool:
+    """Whether `serve` runs engine replicas on Ray Serve: more than one, autoscaling bounds, or a cluster."""
+    replicated = (args.replicas != 1 or args.ray_address is not None or args.min_replicas is not None
+                  or args.max_replicas is not None)
+    if not replicated and (args.num_cpus_per_replica is not None or args.num_gpus_per_replica is not None
+                           or args.no_media_affinity):
+        raise LlavakitError("--num-cpus-per-replica, --num-gpus-per-replica and --no-media-affinity apply to "
+                            "replicas on Ray Serve: add --replicas N (N > 1), --max-replicas N or --ray-address.")
+    if replicated and getattr(args, "tensor_parallel_size", 1) != 1:
+        raise LlavakitError("--tensor-parallel-size and replicas on Ray Serve do not combine: a replica is one "
+                            "process. Give one of them.")
+    return replicated
+
+
+def _serve_replicas(args, config) -> int:
+    """`serve` with replicas: this process serves the HTTP front; each replica loads the model with the
+    same flags (so it must find --model too: a hub id, or a folder that exists where it runs)."""
+    import functools
+
+    try:
+        from .server.replicas import ReplicaOptions, serve_replicas
+    except ImportError as e:  # fastapi, uvicorn, prometheus-client
+        raise LlavakitError(f"the server needs its extra dependencies: pip install 'llavakit[serve]' ({e}).") from e
+    options = ReplicaOptions(
+        replicas=args.replicas, ray_address=args.ray_address,
+        num_cpus_per_replica=1.0 if args.num_cpus_per_replica is None else args.num_cpus_per_replica,
+        num_gpus_per_replica=args.num_gpus_per_replica or 0.0, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, media_affinity=not args.no_media_affinity)
+    # The replicas get the loading flags (not the key: config carries it); a local folder travels as an
+    # absolute path, since they may not share this working directory.
+    replica_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "api_key")})
+    if args.model and Path(args.model).expanduser().exists():
+        replica_args.model = str(Path(args.model).expanduser().absolute())
+    return serve_replicas(functools.partial(_load, replica_args), args.model or SHIPPED_MODEL_NAME, config, options,
+                          host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                          kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
+                          log_level=args.log_level)
 
 
 def cmd_convert(args) -> int:
@@ -300,8 +367,11 @@ def cmd_batch(args) -> int:
             raise LlavakitError("--threads applies to local runs; with --ray, size replicas with --cpus-per-replica.")
         model = args.model or str(default_model_dir())
         load_kwargs = dict(dtype=args.dtype, vision_tower=args.vision_tower, conv_template=args.conv_template,
-                           quantize=args.quantize,
-                           **({"device": args.device} if args.device else {}))
+                           quantize=args.quantize, image_detail=args.image_detail,
+                           max_image_tokens=args.max_image_tokens,
+                           **({"device": args.device} if args.device else {}),
+                           **({"tensor_parallel_size": args.tensor_parallel_size}
+                              if args.tensor_parallel_size != 1 else {}))
         summary = run_ray(model, args.input, args.output, job, load_kwargs, resume=args.resume,
                           overwrite=args.overwrite, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                           gpus_per_replica=args.gpus_per_replica, address=args.ray_address,
@@ -316,7 +386,8 @@ def cmd_batch(args) -> int:
         if not (args.resume or args.overwrite):
             prepare_output(Path(args.output), False, False)
         vlm = _load(args)
-        if args.device:
+        _stop_on_rank_failure(vlm)
+        if args.device and vlm.parallel is None:
             vlm.model.to(args.device)
         summary = run_local(vlm, args.input, args.output, job, resume=args.resume, overwrite=args.overwrite,
                             max_batch_size=args.max_batch_size, workers=args.workers, progress=not args.no_progress)
@@ -367,7 +438,8 @@ def _checkpoint_parameters(name_or_path: str) -> int:
 
 
 def cmd_train(args) -> int:
-    """Train a checkpoint on a JSONL file (stage projector, full or lora)."""
+    """Train a checkpoint on a JSONL file (stage projector, full or lora); under torchrun, on every process."""
+    from .train.distributed import rank
     from .train.loop import TrainConfig, train
 
     cfg = TrainConfig(stage=args.stage, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -383,8 +455,9 @@ def cmd_train(args) -> int:
     summary = train(model, Path(args.data), Path(args.out), cfg,
                     eval_data=Path(args.eval_data) if args.eval_data else None, resume=resume,
                     image_folder=Path(args.image_folder) if args.image_folder else None, device=args.device,
-                    overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2))
+                    overwrite=args.overwrite, fsdp=args.fsdp)
+    if rank() == 0:  # every process of a torchrun launch has the summary; one prints it
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -401,6 +474,7 @@ def cmd_eval(args) -> int:
     from .train.evaluate import evaluate_file
 
     vlm = _load(args)
+    _stop_on_rank_failure(vlm)
     result = evaluate_file(vlm, Path(args.data), limit=args.limit, max_new_tokens=args.max_new_tokens)
     print(result.table())
     if args.show_wrong:
@@ -468,6 +542,12 @@ def _parser() -> argparse.ArgumentParser:
                         "llava-shapes decodes 348 vs 363 tok/s on 1 vs 2 idle cores, 317 vs 109 with one busy; "
                         "bigger models get torch's default, $OMP_NUM_THREADS or one per core)")
 
+    def parallel_arg(sp):
+        sp.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model over N processes (ranks) that run each step together, each holding "
+                        "about 1/N of the weights and KV cache; started here, or torchrun's under torchrun (on a CPU "
+                        "the ranks share --threads)")
+
     def model_args(sp):
         sp.add_argument("--model", help=f"checkpoint folder, hub id (org/name) or {SHIPPED_MODEL_NAME} (default: "
                         f"{SHIPPED_MODEL_NAME}, the tiny shipped model that knows coloured shapes; a folder of that "
@@ -476,6 +556,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
                         help="weight-only int8 or int4 (groups of 32) for the decoder and output head: 2x / 4x "
                         "fewer bytes per decoded token than bfloat16, faster decoding on CPU")
+        sp.add_argument("--image-detail", "--default-image-detail", dest="image_detail", default="auto",
+                        choices=("auto", "low", "high"),
+                        help="images without their own detail: auto = the checkpoint's any-res tiling (default), "
+                        "low = one tile (fewest tokens, fastest), high = any-res even among several images")
+        sp.add_argument("--max-image-tokens", type=int, metavar="N",
+                        help="an image's token budget: an auto image over it is sent as low, a high one is refused")
         sp.add_argument("--vision-tower", help="original-format checkpoints: the CLIP/SigLIP folder when not stored")
         sp.add_argument("--conv-template", help="original-format checkpoints: conversation template "
                         "(llava_v1, vicuna_v1, mistral_instruct, chatml_direct, llava_llama_3, qwen_1_5)")
@@ -496,6 +582,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int)
     chat.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     threads_arg(chat)
+    parallel_arg(chat)
     chat.set_defaults(func=cmd_chat)
 
     info = sub.add_parser("info", help="describe a checkpoint")
@@ -584,7 +671,23 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--remote-media-timeout", type=float, default=d.remote_media_timeout_s)
     srv.add_argument("--remote-media-max-bytes", type=int, default=d.remote_media_max_bytes)
     srv.add_argument("--allowed-local-media-path", help="serve file:// media URLs from below this folder")
+    srv.add_argument("--replicas", type=int, default=1,
+                     help="engine replicas, each with its own model, engine and caches; more than 1 runs them on "
+                          "Ray Serve (pip install 'llavakit[ray]') behind this process, which keeps the HTTP side")
+    srv.add_argument("--ray-address", help="run the replicas on this Ray cluster (auto, ray://head:10001, ...); "
+                     "default: start a local one, stopped on exit")
+    srv.add_argument("--num-cpus-per-replica", "--cpus-per-replica", type=float, metavar="N",
+                     help="Ray's CPU share per replica, also its torch threads unless --threads says (default 1)")
+    srv.add_argument("--num-gpus-per-replica", "--gpus-per-replica", type=float, metavar="N",
+                     help="GPUs per replica (default 0); above 0 each replica runs the model on cuda")
+    srv.add_argument("--min-replicas", type=int, metavar="N",
+                     help="autoscaling: Ray Serve keeps between --min-replicas (default 1) and --max-replicas")
+    srv.add_argument("--max-replicas", type=int, metavar="N", help="autoscaling: the most replicas")
+    srv.add_argument("--no-media-affinity", action="store_true",
+                     help="route by load alone (default: requests about the same first image or video go to the "
+                          "replica that has it cached, while its batch has room)")
     threads_arg(srv)
+    parallel_arg(srv)
     srv.set_defaults(func=cmd_serve)
 
     shp = sub.add_parser("make-shapes", help="write the synthetic shapes world used to train and test tiny models")
@@ -622,6 +725,7 @@ def _parser() -> argparse.ArgumentParser:
     bat.add_argument("--gpus-per-replica", type=float, default=0.0, help="--ray: GPUs per replica")
     bat.add_argument("--batch-size", type=int, default=64, help="--ray: items per Ray batch at most")
     threads_arg(bat)
+    parallel_arg(bat)
     bat.set_defaults(func=cmd_batch)
 
     ptw = sub.add_parser("pretrain-tower", help="pretrain a vision tower on the shapes world (what and where per patch)")
@@ -665,7 +769,9 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--image-folder", help="media paths are relative to this folder (default: the JSONL's)")
     trn.add_argument("--epochs", type=float, default=t.epochs)
     trn.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    trn.add_argument("--batch-size", type=int, default=t.batch_size, help="conversations per micro-batch")
+    trn.add_argument("--batch-size", type=int, default=t.batch_size,
+                     help="conversations per micro-batch, per process (under torchrun the global batch is "
+                     "batch size x grad accum x processes)")
     trn.add_argument("--grad-accum", type=int, default=t.grad_accum, help="micro-batches per optimizer step")
     trn.add_argument("--lr", type=float, default=t.lr)
     trn.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
@@ -691,7 +797,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="start a new run in a non-empty --out: its files are replaced and its checkpoint-N "
                      "folders removed (without this or --resume, a non-empty --out is refused)")
     threads_arg(trn)
-    trn.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    trn.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...; under torchrun, cuda is the "
+                     "GPU of each process's LOCAL_RANK")
+    trn.add_argument("--fsdp", action="store_true", help="under torchrun, stage full: shard the model, gradients and "
+                     "optimizer over the processes (FSDP2) instead of a whole copy in each (DDP)")
     trn.add_argument("--seed", type=int, default=t.seed)
     trn.set_defaults(func=cmd_train)
 
@@ -708,6 +817,7 @@ def _parser() -> argparse.ArgumentParser:
     evl.add_argument("--max-new-tokens", type=int, default=48)
     evl.add_argument("--show-wrong", type=int, default=0, help="print up to N wrong answers")
     threads_arg(evl)
+    parallel_arg(evl)
     evl.set_defaults(func=cmd_eval)
     return p
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
-from .anyres import tile_feature_count
+from .anyres import Geometry, pooled_side, tile_feature_count
 from .errors import ConfigError
 from .families import FAMILIES, TOWERS, Family, family, tower
 
@@ -238,6 +239,11 @@ class LlavaConfig:
     max_tiles: int | None = None
     # Any-resolution candidates (h, w) in pixels, in the checkpoint's order; empty for plain LLaVA.
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # NeXT-Video: how frame features are pooled before the projector ("average", "max", "conv"), the
+    # pooling's stride, and the conv's output channels; mode None for families that pool otherwise.
+    video_pool_mode: str | None = None
+    video_pool_stride: int = 2
+    video_pool_channels: int = 0
     # The dict this config came from, written back unchanged by save_pretrained.
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -250,6 +256,20 @@ class LlavaConfig:
     def has_image_newline(self) -> bool:
         """Tiled families (NeXT, OneVision) learn a vector that ends every row of image features."""
         return self.family.tiled
+
+    @cached_property
+    def geometry(self) -> Geometry:
+        """The facts every image and video layout is computed from (anyres.image_layout, video_layout)."""
+        v = self.vision
+        video_side, video_newline = None, False
+        if self.family.video_packing == "pool_bilinear_newline":
+            video_side, video_newline = pooled_side(v.patches_per_side), True
+        elif self.family.video_packing == "pool_stride":
+            video_side = v.patches_per_side // self.video_pool_stride
+        return Geometry(tile=v.image_size, patches_per_side=v.patches_per_side,
+                        base_features=self.image_features_per_tile, pinpoints=self.image_grid_pinpoints,
+                        max_tiles=self.max_tiles, newline=self.has_image_newline,
+                        video_side=video_side, video_newline=video_newline)
 
     @property
     def image_features_per_tile(self) -> int:
@@ -306,6 +326,7 @@ class LlavaConfig:
             video_token_id=None if video_token is None else int(video_token),
             max_tiles=_max_tiles(d, fam),
             image_grid_pinpoints=pinpoints,
+            **_video_pool(d, fam, vision, layers),
             source=d,
         )
 
@@ -326,6 +347,25 @@ def _pinpoints(d: dict, fam: Family, vision: VisionConfig) -> tuple[tuple[int, i
             f"image_grid_pinpoints {bad} are not positive multiples of the vision tower's {tile}-pixel tile."
         )
     return pins
+
+
+def _video_pool(d: dict, fam: Family, vision: VisionConfig, layers: tuple[int, ...]) -> dict:
+    """NeXT-Video's `spatial_pool_mode` / `spatial_pool_stride` (LlavaNextVideoConfig's defaults: average, 2)."""
+    if fam.video_packing != "pool_stride":
+        return {}
+    mode = d.get("spatial_pool_mode", "average")
+    if mode not in ("average", "max", "conv"):
+        raise ConfigError(f"spatial_pool_mode {mode!r} is not supported; expected 'average', 'max' or 'conv'.")
+    stride = d.get("spatial_pool_stride", 2)
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= vision.patches_per_side:
+        raise ConfigError(f"spatial_pool_stride must be an integer from 1 to the tower's "
+                          f"{vision.patches_per_side} patches per side, got {stride!r}.")
+    channels = int(d.get("spatial_pool_out_channels", vision.hidden_size))
+    if mode == "conv" and (len(layers) != 1 or channels != vision.hidden_size):
+        # The reference's conv takes the tower's width and feeds the projector: other shapes cannot run there.
+        raise ConfigError("spatial_pool_mode 'conv' needs one vision_feature_layer and spatial_pool_out_channels "
+                          f"equal to the tower's hidden_size ({vision.hidden_size}).")
+    return dict(video_pool_mode=mode, video_pool_stride=stride, video_pool_channels=channels)
 
 
 def _max_tiles(d: dict, fam: Family) -> int | None:

@@ -68,3 +68,8 @@ class MediaFetchFailed(MediaError):
 class NonFiniteLogits(GenerationError):
     """The model gave one request logits (or, after its penalty and warping, probabilities) that are
     NaN or infinite, so no token can be picked. Only that request fails; the others keep running."""
+
+
+class ParallelError(LlavakitError):
+    """A tensor-parallel rank died, timed out in a collective or failed to load. The model cannot run
+    any more: close it (`vlm.close()`) and load it again; the first message says which rank and why."""

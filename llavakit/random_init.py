@@ -67,6 +67,15 @@ PRESETS: dict[str, dict] = {
         specials={**_LLAMA_SPECIALS, "<image>": 32000, "<pad>": 32001}, image_token="<image>", bos="<s>",
         eos="</s>", pad="<pad>",
     ),
+    "llava-next-video-7b": dict(  # llava-hf/LLaVA-NeXT-Video-7B-hf: Vicuna-7B, CLIP-L/14-336, frames pooled by 2
+        model_type="llava_next_video",
+        text=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  rope_parameters=_rope(10000.0), vocab_size=32064),
+        vision=_CLIP_L336,
+        specials={**_LLAMA_SPECIALS, "<video>": 32000, "<image>": 32001, "<pad>": 32002}, image_token="<image>",
+        bos="<s>", eos="</s>", pad="<pad>",
+    ),
     "llava-onevision-qwen2-0.5b": dict(
         model_type="llava_onevision",
         text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -250,6 +259,10 @@ def _write_processor(out: Path, model_type: str, vision: dict, siglip: bool | No
                     num_additional_image_tokens=1)
     if fam.tiled:
         pre.update(do_pad=True, image_grid_pinpoints=pinpoints or [list(x) for x in fam.default_pinpoints])
+    if fam.video_processor_type is not None:  # frames sized as the images' tiles, as the published files say
+        keys = ("size", "crop_size", "do_center_crop", "resample", "image_mean", "image_std")
+        _write(out / "video_preprocessor_config.json",
+               {"video_processor_type": fam.video_processor_type, **{k: pre[k] for k in keys if k in pre}})
     _write(out / "preprocessor_config.json", pre)
     _write(out / "processor_config.json", proc)
 

@@ -25,6 +25,11 @@ from .runtime import release_pages
 KeyMap = Callable[[str], "str | None"]  # checkpoint key -> llavakit name, or None to skip
 # (llavakit name, tensor as stored) -> the state entries that replace it, or None to keep it as usual
 Convert = Callable[[str, torch.Tensor], "dict[str, torch.Tensor] | None"]
+# llavakit name -> how to read it: None for the whole tensor, SKIP to leave it unread, or a function of the
+# stored tensor's lazy view (safetensors' get_slice: shape by get_shape(), indexing reads only the part
+# asked for; a plain tensor for .bin files) that returns the part to keep. Tensor parallelism's use.
+Take = Callable[[str], "Callable | str | None"]
+SKIP = "skip"
 
 # (checkpoint prefix, llavakit prefix); the first match wins, so longer prefixes come first.
 _KEY_PREFIXES = (
@@ -36,6 +41,7 @@ _KEY_PREFIXES = (
     ("vision_tower.vision_model.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
+    ("model.vision_resampler.", "vision_resampler."),
 )
 # Buffers that older checkpoints saved and that llavakit recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -137,19 +143,29 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_tensors(path: Path):
-    """Yield (key, tensor) from one weight file; corrupt or truncated files raise WeightsError."""
+def _read_tensors(path: Path, take: Callable[[str], "Callable | str | None"] | None = None):
+    """Yield (key, tensor) from one weight file; corrupt or truncated files raise WeightsError.
+
+    take: checkpoint key -> None (read it whole), SKIP (leave it out) or a reader of its lazy view
+    (see `Take`), so that a tensor-parallel rank reads only its slices.
+    """
     if path.suffix == ".bin":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for a bad pickle
             raise WeightsError(f"cannot read {path.name}: {e}. Convert it to safetensors or download it again.") from e
-        yield from state.items()
+        for key, tensor in state.items():
+            how = take(key) if take is not None else None
+            if how != SKIP:
+                yield key, tensor if how is None else how(tensor)
         return
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                how = take(key) if take is not None else None
+                if how == SKIP:
+                    continue
+                yield key, f.get_tensor(key) if how is None else how(f.get_slice(key))
     except (SafetensorError, OSError) as e:
         raise WeightsError(
             f"{path.name} is corrupt or truncated ({e}); download it again or re-save the checkpoint."
@@ -158,7 +174,7 @@ def _read_tensors(path: Path):
 
 def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
                sources: list[tuple[Path, KeyMap]] | None = None,
-               convert: Convert | None = None) -> dict[str, torch.Tensor]:
+               convert: Convert | None = None, take: Take | None = None) -> dict[str, torch.Tensor]:
     """Read every weight of `folder` under llavakit names, floats converted to `dtype`.
 
     sources: (folder, key map) pairs to read instead, for checkpoints whose weights are split over
@@ -166,8 +182,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
     each (name, tensor as stored) before anything else; it returns the state entries to keep in
     its place (quantisation: `X.weight` becomes `X.qweight` and `X.scales`), or None for the usual
     handling. The pages of a converted tensor's file mapping are dropped afterwards, so a model
-    quantised while loading never holds the file's bytes. Raises WeightsError listing missing and
-    unexpected keys against `model`'s parameters.
+    quantised while loading never holds the file's bytes. take: per llavakit name, which part of the
+    stored tensor to read (see `Take`; a tensor-parallel rank's slices), before `convert` sees it.
+    Raises WeightsError listing missing and unexpected keys against `model`'s parameters.
     """
     tied = bool(getattr(model.cfg, "tie_word_embeddings", False))
     expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
@@ -175,7 +192,7 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
     unexpected: list[str] = []
     for src, key_map in sources or [(folder, canonical_key)]:
         for path in weight_files(src):
-            _read_file(path, key_map, expected, tied, dtype, state, unexpected, convert)
+            _read_file(path, key_map, expected, tied, dtype, state, unexpected, convert, take)
     missing = sorted(expected - state.keys())
     if missing or unexpected:
         parts = []
@@ -192,12 +209,18 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype,
 
 
 def _read_file(path: Path, key_map, expected: set, tied: bool, dtype: torch.dtype, state: dict, unexpected: list,
-               convert: Convert | None):
-    for key, tensor in _read_tensors(path):
+               convert: Convert | None, take: Take | None = None):
+    def ignored(name: str | None) -> bool:
+        return name is None or name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
+            tied and name == "lm_head.weight")
+
+    def by_key(key: str):
         name = key_map(key)
-        if name is None or name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES) or (
-            tied and name == "lm_head.weight"
-        ):
+        return SKIP if ignored(name) else take(name)
+
+    for key, tensor in _read_tensors(path, None if take is None else by_key):
+        name = key_map(key)
+        if ignored(name):
             continue
         converted = convert(name, tensor) if convert is not None else None
         if converted is not None:

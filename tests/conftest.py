@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import llavakit  # noqa: E402
-from reference import load_reference, make_llava, make_llava_next, make_llava_onevision  # noqa: E402
+from reference import load_reference, make_llava, make_llava_next, make_llava_next_video, make_llava_onevision  # noqa: E402,E501
 from reference import CHATML_TEMPLATE  # noqa: E402
 
 # name -> make_llava arguments; each is one checkpoint folder per test session.
@@ -39,6 +39,15 @@ CHECKPOINTS = {
     "onevision": dict(builder=make_llava_onevision),  # untied: greedy answers are diverse enough to compare
     # 0.5B-style tied embeddings, a lower cap, two feature layers
     "onevision_cap4_list": dict(builder=make_llava_onevision, max_tiles=4, vision_feature_layer=[-3, -1], tie=True),
+    # LLaVA-NeXT-Video: the published settings (average pooling by 2, CLIP "default", layer -2) on Llama;
+    # max pooling by 3 with two feature layers on Mistral; a learned conv on tied Qwen2; SigLIP "full"
+    # pooled by 4 (a 6x6 grid floors to 1x1)
+    "next_video": dict(builder=make_llava_next_video),
+    "next_video_max3_list": dict(builder=make_llava_next_video, family="mistral", pool_mode="max", pool_stride=3,
+                                 vision_feature_layer=[-3, -1]),
+    "next_video_conv_qwen2_tied": dict(builder=make_llava_next_video, family="qwen2", pool_mode="conv", tie=True),
+    "next_video_siglip_full": dict(builder=make_llava_next_video, tower="siglip", pool_stride=4,
+                                   vision_feature_layer=-1),
 }
 
 

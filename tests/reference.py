@@ -301,27 +301,114 @@ def make_llava_onevision(out: Path, vision_feature_layer=-1, max_tiles: int = 9,
     return out
 
 
-def onevision_reference_processor(path: Path):
-    """transformers' LlavaOnevisionProcessor without its video processor (which needs torchvision).
+def _bare_processor(path: Path, cls_name: str, keys: tuple[str, ...]):
+    """transformers' processor `cls_name` without its video processor (which needs torchvision).
 
     Built around its __init__ (which insists on a video processor) with the checkpoint's image
-    processor and tokenizer; images and text go through the real transformers code.
+    processor and tokenizer, and `keys` of processor_config.json as attributes; images and text go
+    through the real transformers code.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionProcessor
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     cfg = json.loads((Path(path) / "processor_config.json").read_text())
-    proc = object.__new__(LlavaOnevisionProcessor)
+    proc = object.__new__(getattr(transformers, cls_name))
     proc.image_processor = AutoImageProcessor.from_pretrained(path)
     proc.tokenizer = AutoTokenizer.from_pretrained(path)
     proc.video_processor = None
     proc.chat_template = json.loads((Path(path) / "chat_template.json").read_text())["chat_template"]
-    proc.num_image_tokens = cfg["num_image_tokens"]
-    proc.vision_feature_select_strategy = cfg["vision_feature_select_strategy"]
-    proc.vision_aspect_ratio = cfg["vision_aspect_ratio"]
+    for key in keys:
+        setattr(proc, key, cfg[key])
     proc.image_token, proc.video_token = "<image>", "<video>"
     proc.image_token_id = proc.tokenizer.convert_tokens_to_ids("<image>")
     proc.video_token_id = proc.tokenizer.convert_tokens_to_ids("<video>")
     return proc
+
+
+def onevision_reference_processor(path: Path):
+    """transformers' LlavaOnevisionProcessor for a checkpoint of make_llava_onevision (see _bare_processor)."""
+    return _bare_processor(path, "LlavaOnevisionProcessor",
+                           ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"))
+
+
+# The published LLaVA-NeXT-Video template (llava-hf/LLaVA-NeXT-Video-7B-hf): media first, then text.
+NEXT_VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+NEXT_VIDEO_TILE, NEXT_VIDEO_PATCH = 42, 7  # 6x6 patches: pooled by 2 -> 3x3, by 3 -> 2x2, by 4 -> 1x1 (floor)
+
+
+def make_llava_next_video(out: Path, family: str = "llama", pool_mode: str = "average", pool_stride: int = 2,
+                          vision_feature_layer=-2, tower: str = "clip", tie: bool = False, seed: int = 0,
+                          video_size: dict | None = None) -> Path:
+    """Write a tiny random `model_type: llava_next_video` checkpoint folder and return its path.
+
+    The video processor file is written as the published checkpoints have it (transformers' video
+    processor class needs torchvision to be built; tests/video_reference.py runs it without).
+    video_size: the frames' `size` (default: shortest edge = the tile, then a centre crop to the tile).
+    """
+    from transformers import (
+        CLIPVisionConfig, LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out)
+    tokenizer = build_tokenizer(add_bos=family != "qwen2", extra_special=["<video>"])
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    video_id = tokenizer.convert_tokens_to_ids("<video>")
+    tile, patch = NEXT_VIDEO_TILE, NEXT_VIDEO_PATCH
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile], [3 * tile, tile]]
+    vision = (SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig)(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=tile, patch_size=patch, layer_norm_eps=1e-5,
+    )
+    strategy = "full" if tower == "siglip" else "default"
+    tcfg = text_config(family, len(tokenizer) + 12, tie_word_embeddings=tie)
+    cfg = LlavaNextVideoConfig(
+        vision_config=vision, text_config=tcfg, image_token_index=image_id, video_token_index=video_id,
+        image_grid_pinpoints=pinpoints, vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=strategy, spatial_pool_mode=pool_mode, spatial_pool_stride=pool_stride,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    _randomize(model)
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.save_pretrained(out)
+    mean, std = ([0.5] * 3, [0.5] * 3) if tower == "siglip" else (None, None)
+    improc = LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
+        resample=3, **({"image_mean": mean, "image_std": std} if mean else {}),
+    )
+    improc.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    video = {"video_processor_type": "LlavaNextVideoVideoProcessor", "size": video_size or {"shortest_edge": tile},
+             "crop_size": {"height": tile, "width": tile}, "do_center_crop": True, "resample": 3,
+             "image_mean": list(improc.image_mean), "image_std": list(improc.image_std)}
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video))
+    (out / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaNextVideoProcessor", "image_token": "<image>", "video_token": "<video>",
+        "patch_size": patch, "vision_feature_select_strategy": strategy,
+        "num_additional_image_tokens": int(tower != "siglip"),
+    }))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": NEXT_VIDEO_TEMPLATE}))
+    return out
+
+
+def next_video_reference_processor(path: Path):
+    """transformers' LlavaNextVideoProcessor for a checkpoint of make_llava_next_video (see _bare_processor)."""
+    return _bare_processor(path, "LlavaNextVideoProcessor",
+                           ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"))
 
 
 def load_reference(path: Path):
@@ -331,11 +418,16 @@ def load_reference(path: Path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    from transformers import LlavaNextVideoForConditionalGeneration
+
     cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
-           "llava_onevision": LlavaOnevisionForConditionalGeneration}[model_type]
+           "llava_onevision": LlavaOnevisionForConditionalGeneration,
+           "llava_next_video": LlavaNextVideoForConditionalGeneration}[model_type]
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
     if model_type == "llava_onevision":
         return model, onevision_reference_processor(path)
+    if model_type == "llava_next_video":
+        return model, next_video_reference_processor(path)
     proc = AutoProcessor.from_pretrained(path)
     return model, proc
 

@@ -269,7 +269,7 @@ def test_corrupt_image_file(vlm, tmp_path):
         ([], "non-empty"),
         ([{"content": "hi"}], "role"),
         ([{"role": "user"}], "content"),
-        ([{"role": "robot", "content": "hi"}], "robot"),
+        ([{"role": "user</s>", "content": "hi"}], "a role is a word of letters"),  # any word passes to the template
         (_user({"type": "audio", "audio": "x.wav"}), "audio"),
         (_user({"type": "text", "text": 3}), "text"),
         (_user({"type": "image"}), "image"),

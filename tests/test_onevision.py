@@ -124,17 +124,20 @@ def _video_reference_ids(proc, conv, frames: int):
     return proc.tokenizer(text.replace("<video>", expansion))["input_ids"]
 
 
-def test_video_processing_matches_the_pil_image_path(models):
-    from transformers import SiglipImageProcessor
+def test_video_processing_matches_the_video_processor(models, monkeypatch):
+    """transformers' LlavaOnevisionVideoProcessor, built from the checkpoint's files as AutoVideoProcessor
+    builds it (its settings from preprocessor_config.json), sampling 6 of 8 frames its way."""
+    from video_reference import video_processor
 
     vlm, _, proc = models("onevision")
     frames = _frames(8)
-    conv = _conv("What happens?", videos=[frames])
+    conv = [{"role": "user", "content": [{"type": "video", "video": frames, "num_frames": 6},
+                                         {"type": "text", "text": "What happens?"}]}]
     batch = vlm.prepare([conv])
-    assert batch.input_ids[0].tolist() == _video_reference_ids(proc, conv, 8)
-    assert batch.video_frames == (8,)
-    siglip = SiglipImageProcessor(size={"height": 35, "width": 35}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    want = siglip(images=[Image.fromarray(f) for f in frames], return_tensors="pt")["pixel_values"]
+    assert batch.input_ids[0].tolist() == _video_reference_ids(proc, conv, 6)
+    assert batch.video_frames == (6,)
+    reference = video_processor("LlavaOnevisionVideoProcessor", monkeypatch, pretrained=vlm.folder)
+    want = reference(videos=frames, do_sample_frames=True, num_frames=6, return_tensors="pt")["pixel_values_videos"][0]
     assert float((batch.video_pixels - want).abs().max()) <= PIXELS_ATOL
 
 

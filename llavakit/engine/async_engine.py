@@ -94,15 +94,18 @@ class AsyncEngine:
         self._thread.start()
 
     # -- called from the event loop -----------------------------------------------------------
-    def encode(self, messages: Any) -> Encoded:
-        """Render, load media and tokenize one conversation (CPU work: call it off the event loop)."""
-        return self.vlm.processor.encode(messages)
+    def encode(self, messages: Any, add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False) -> Encoded:
+        """Render, load media and tokenize one conversation (CPU work: call it off the event loop).
+        The keywords: see `Processor.render`."""
+        return self.vlm.processor.encode(messages, add_generation_prompt,
+                                         continue_final_message=continue_final_message)
 
     def media(self, encoded: Encoded) -> list:
         """The hashed media of an encoded request, for `submit` (CPU work: call it off the event loop)."""
         from .core import media_of
 
-        return media_of(self.vlm.model, encoded)
+        return media_of(encoded)
 
     def submit(self, request_id: str, encoded: Encoded, params: SamplingParams,
                media: list | None = None) -> AsyncIterator[StreamDelta]:

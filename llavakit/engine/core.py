@@ -85,7 +85,7 @@ class Engine:
                     media: list[Media] | None = None) -> None:
         """Queue a request. Raises GenerationError when it can never fit the context or the KV pool.
 
-        media: `media_of(model, encoded)`, when the caller computed it already (off its event loop).
+        media: `media_of(encoded)`, when the caller computed it already (off its event loop).
         """
         prompt = list(encoded.input_ids)
         context = self.model.cfg.text.max_position_embeddings
@@ -98,7 +98,7 @@ class Engine:
             params = dataclasses.replace(params, max_new_tokens=context - len(prompt))
         self.scheduler.check(request_id, len(prompt) + params.max_new_tokens)  # before hashing any pixels
         if media is None:
-            media = media_of(self.model, encoded)
+            media = media_of(encoded)
         cfg = self.model.cfg
         keys = token_keys(prompt, media, cfg.image_token_id, cfg.video_token_id)
         self.scheduler.add(Seq(request_id, prompt, params.max_new_tokens, BlockTable(keys),

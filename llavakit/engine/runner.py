@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import anyres
+from ..anyres import ImageLayout, VideoLayout
 from ..model.llava import LlavaModel
 from ..model.text import PagedStep
 from ..processing.processor import Encoded
@@ -60,59 +60,68 @@ class FeatureCache:
 
 @dataclass
 class Media:
-    """One image or video of a request: its tower inputs, how many placeholders it fills, its hash."""
+    """One image or video of a request: its tower inputs, its layout (from the processor), its hash."""
 
-    kind: str  # "image" | "video"
     pixels: torch.Tensor  # (tiles or frames, 3, S, S)
-    size: tuple[int, int]
-    tiled: bool
-    tokens: int
+    layout: ImageLayout | VideoLayout
     key: str
 
+    @property
+    def kind(self) -> str:
+        """"image" or "video"."""
+        return "image" if isinstance(self.layout, ImageLayout) else "video"
 
-def media_of(model: LlavaModel, enc: Encoded) -> list[Media]:
+    @property
+    def tokens(self) -> int:
+        """Placeholder tokens this medium fills."""
+        return self.layout.tokens
+
+
+def media_of(enc: Encoded) -> list[Media]:
     """The images and videos of an encoded request, each with its content hash.
 
     Hashing reads every preprocessed pixel (tens of megabytes for a tiled image): a server calls
     this in a worker thread and hands the result to `add_request`, so the event loop never hashes.
     """
-    cfg = model.cfg
-    out, start = [], 0
-    pixels = None if enc.pixel_values is None else torch.from_numpy(enc.pixel_values)
-    for size, tiled in zip(enc.image_sizes, enc.image_tiled):
-        n = model.tiles_per_image(size, tiled)
-        px = pixels[start : start + n]
-        start += n
-        tokens = anyres.image_token_count(size, cfg.image_grid_pinpoints, cfg.vision.image_size,
-                                          cfg.vision.patches_per_side, cfg.image_features_per_tile, cfg.max_tiles, tiled)
-        out.append(Media("image", px, size, tiled, tokens, _content_key("image", px, size, tiled)))
-    start = 0
-    frames = None if enc.video_pixels is None else torch.from_numpy(enc.video_pixels)
-    for n in enc.video_frames:
-        px = frames[start : start + n]
-        start += n
-        tokens = anyres.video_token_count(n, cfg.vision.patches_per_side)
-        out.append(Media("video", px, (0, 0), False, tokens, _content_key("video", px, (0, 0), False)))
+    out = []
+    for layouts, array in ((enc.image_layouts, enc.pixel_values), (enc.video_layouts, enc.video_pixels)):
+        pixels = None if array is None else torch.from_numpy(array)
+        start = 0
+        for layout in layouts:
+            px = pixels[start : start + layout.tiles]
+            start += layout.tiles
+            out.append(Media(px, layout, _content_key(px, layout)))
     return out
 
 
-def _content_key(kind: str, pixels: torch.Tensor, size, tiled: bool) -> str:
+def _content_key(pixels: torch.Tensor, layout: ImageLayout | VideoLayout) -> str:
     """SHA-256 of exactly what the tower will see: the preprocessed pixels and how they are laid out.
 
     A full-width cryptographic hash: it keys both the feature cache and the prefix cache, so two
     different images must never be made to share it.
     """
     h = hashlib.sha256()
-    h.update(f"{kind}|{size}|{tiled}|{tuple(pixels.shape)}|{pixels.dtype}|".encode())
+    h.update(f"{layout!r}|{tuple(pixels.shape)}|{pixels.dtype}|".encode())
     h.update(pixels.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def cache_heads(model: LlavaModel) -> int:
+    """Key/value heads this process caches per layer: the config's, or under tensor parallelism this
+    rank's share (llavakit/parallel), read off the key projection it holds."""
+    return model.language_model.layers[0].self_attn.k_proj.out_features // model.cfg.text.head_dim
+
+
+class LayerPools(list):
+    """Per-layer pool tensors: a list, of a class of its own only so that it can be weakly referenced
+    (tensor-parallel ranks keep a pool for each live one, llavakit/parallel/driver.py)."""
 
 
 def kv_budget_blocks(model: LlavaModel, max_batch_size: int, kv_cache_bytes: int | None) -> int:
     """Blocks the key/value pool may grow to: `kv_cache_bytes`, or by default room for a full batch of
     4k-token requests, at most 2 GiB (on a GPU: half its free memory)."""
     text = model.cfg.text
-    per_token = 2 * text.num_layers * text.num_kv_heads * text.head_dim * torch.finfo(model.dtype).bits // 8
+    per_token = 2 * text.num_layers * cache_heads(model) * text.head_dim * torch.finfo(model.dtype).bits // 8
     budget = kv_cache_bytes
     if budget is None:
         device = model.device
@@ -129,9 +138,11 @@ class ModelRunner:
         self.eos_ids = eos_ids
         text = model.cfg.text
         # Zeroed, not empty: padded reads land on real slots, and garbage there could be NaN.
-        shape = (num_blocks * BLOCK, text.num_kv_heads, text.head_dim)
-        self.keys = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(text.num_layers)]
-        self.values = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(text.num_layers)]
+        shape = (num_blocks * BLOCK, cache_heads(model), text.head_dim)
+        self.keys = LayerPools(torch.zeros(shape, dtype=model.dtype, device=model.device)
+                               for _ in range(text.num_layers))
+        self.values = LayerPools(torch.zeros(shape, dtype=model.dtype, device=model.device)
+                                 for _ in range(text.num_layers))
         self.features = FeatureCache(image_cache_bytes)
         self.vision_seconds = 0.0  # spent in the tower, for monitoring
 
@@ -179,12 +190,12 @@ class ModelRunner:
         started = time.perf_counter()
         if images:
             tiles = model.encode_tiles(torch.cat([m.pixels for m in images]))
-            packed = model.pack_images(tiles, tuple(m.size for m in images), tuple(m.tiled for m in images))
+            packed = model.pack_images(tiles, tuple(m.layout for m in images))
             for m, f in zip(images, packed):
                 found[m.key] = f
                 self.features.put(m.key, f)
         for m in videos:
-            f = model.video_features(m.pixels, (m.pixels.shape[0],))
+            f = model.video_features(m.pixels, (m.layout,))
             found[m.key] = f
             self.features.put(m.key, f)
         if images or videos:

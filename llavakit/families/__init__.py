@@ -11,14 +11,14 @@ packing features also needs its branch in the model. Standard library only (conf
 
 from __future__ import annotations
 
-from . import llava, llava_next, llava_onevision
+from . import llava, llava_next, llava_next_video, llava_onevision
 from ..errors import ConfigError
 from .base import MEDIA, PACKINGS, VIDEO_PACKINGS, Family, Tower
 
 __all__ = ["FAMILIES", "MEDIA", "PACKINGS", "TOWERS", "VIDEO_PACKINGS", "Family", "Tower", "family", "tower"]
 
 # One line per family; the order is the order of help texts and error messages.
-_MODULES = (llava, llava_next, llava_onevision)
+_MODULES = (llava, llava_next, llava_onevision, llava_next_video)
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's training statistics

@@ -15,8 +15,14 @@ from typing import Any
 PACKINGS = ("flat", "anyres_unpad", "anyres_unpad_max_tiles")
 # How a family lays out a video's frame features; None for families without video.
 #   pool_bilinear_newline   each frame bilinearly pooled to ceil(p/2)², frames in order, one newline (OneVision)
-VIDEO_PACKINGS = ("pool_bilinear_newline",)
+#   pool_stride             each frame's tower features pooled by `spatial_pool_stride` (average, max or a
+#                           learned conv) to (p // stride)², before the projector; no newline (NeXT-Video)
+VIDEO_PACKINGS = ("pool_bilinear_newline", "pool_stride")
 MEDIA = ("image", "video")
+# How a tiled family encodes an image as one tile (OneVision's several-image prompts, `detail: low`):
+#   pad_square  padded to a square with the mean colour, then resized (OneVision's multi-image tile)
+#   squash      the any-res base view alone: the whole image resized to the tile (LLaVA-NeXT)
+UNTILED_VIEWS = ("pad_square", "squash")
 
 # LlavaConfig's and LlavaNextConfig's tower when `vision_config` is absent: CLIP ViT-L/14-336.
 CLIP_L14_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -57,10 +63,15 @@ class Family:
     # regular expression, and its `mm_patch_merge_type` prefix; original_aspect None = no original format.
     original_aspect: str | None = None
     mm_patch_merge_type: str = "flat"
+    # transformers' video processor class of this family (its defaults fill what the checkpoint's video
+    # processor file omits); None for families without video, and for video read the original way.
+    video_processor_type: str | None = None
+    untiled_view: str = "pad_square"  # one of UNTILED_VIEWS: how an image becomes one tile
 
     def __post_init__(self) -> None:
         # A wrong entry is a programming error in a family module, caught at import.
         assert self.packing in PACKINGS, self.packing
+        assert self.untiled_view in UNTILED_VIEWS, self.untiled_view
         assert set(self.media) <= set(MEDIA) and "image" in self.media, self.media
         assert (self.video_packing in VIDEO_PACKINGS) == self.takes_video, (self.media, self.video_packing)
         assert (self.default_video_token_id is not None) == self.takes_video, self.default_video_token_id

@@ -23,4 +23,5 @@ FAMILY = Family(
     forwards_text_tie=False,  # LlavaNextConfig keeps its own tie_word_embeddings
     original_aspect="anyres",
     mm_patch_merge_type="spatial_unpad",
+    untiled_view="squash",  # `detail: low`: the base view alone (the reference never makes a one-tile NeXT image)
 )

@@ -28,4 +28,5 @@ FAMILY = Family(
     forwards_text_tie=True,
     original_aspect=r"anyres_max_\d+",
     mm_patch_merge_type="spatial_unpad",
+    video_processor_type="LlavaOnevisionVideoProcessor",
 )

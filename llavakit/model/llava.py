@@ -6,7 +6,7 @@ q pooled side, B batch, T tokens, D decoder width, V vocab, R placeholder rows o
     pixels (N,3,S,S) ─► tower (selected layers) ─► drop CLS ("default") ─► projector ─► (N, F, D)
     LLaVA-1.5 image: one tile, its F features.
     Tiled image (NeXT, OneVision alone in its prompt): base tile, then the tile grid stitched,
-      unpadded, capped (OneVision), a newline after each row.            (geometry: anyres.py)
+      unpadded, capped (OneVision), a newline after each row.   (geometry: anyres.ImageLayout, from the processor)
     Untiled image (OneVision, several in one prompt): one square tile + one newline.
     Video (OneVision): every frame pooled to q×q, frames in order, one newline at the end.
     input_ids (B,T) ─► embed ─► image rows := image features, video rows := video features ─► decoder
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import anyres
+from ..anyres import ImageLayout, VideoLayout
 from ..config import LlavaConfig
 from ..errors import TokenFeatureMismatch
 from .projector import Projector
@@ -38,6 +38,10 @@ class LlavaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.has_image_newline:
             self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
+        if cfg.video_pool_mode == "conv":  # NeXT-Video's learned frame pooling (the reference's vision_resampler)
+            self.vision_resampler = nn.Module()
+            stride = cfg.video_pool_stride
+            self.vision_resampler.pool = nn.Conv2d(cfg.vision.hidden_size, cfg.video_pool_channels, stride, stride)
 
     def tie_weights(self) -> None:
         """Share the output projection with the input embeddings when the config says so."""
@@ -54,100 +58,111 @@ class LlavaModel(nn.Module):
         return self.language_model.embed_tokens.weight.dtype
 
     # -- vision ---------------------------------------------------------------------------------
-    def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16, pool: bool = False) -> torch.Tensor:
         """Projected features (N, F, D) of tower inputs (N, 3, S, S), `chunk` tiles per tower call.
 
         Identical tiles go through the tower once: a square image whose best grid is a single tile
         (OneVision at 384 px) has a base view equal to its one grid tile, and the tower is most of a
         cold request's time. Chunking bounds the attention activations when a batch has many tiles.
+        pool: NeXT-Video frames: the tower features are pooled (`pool_frames`) before the projector.
         """
         pixels = pixels.to(self.device)
         unique, index = unique_tiles(pixels)
         if index is not None:
-            return self.encode_tiles(unique, chunk)[index]
+            return self.encode_tiles(unique, chunk, pool)[index]
         outs = []
         for part in pixels.split(chunk):
             feats = self.vision_tower(part, self.cfg.vision_feature_layers)  # (n, L, Dv*k)
             if self.cfg.select_strategy == "default":
                 feats = feats[:, 1:]  # the class token carries no spatial information
+            if pool:
+                feats = self.pool_frames(feats)  # (n, q*q, Dv*k)
             outs.append(self.multi_modal_projector(feats))  # (n, F, D)
         return torch.cat(outs)
+
+    def pool_frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """NeXT-Video: frame features (n, p*p, C) pooled over the p x p grid by the stride: (n, q*q, C)."""
+        n, _, c = feats.shape
+        p, stride = self.cfg.vision.patches_per_side, self.cfg.video_pool_stride
+        grid = feats.view(n, p, p, c).permute(0, 3, 1, 2)  # (n, C, p, p)
+        if self.cfg.video_pool_mode == "average":
+            grid = F.avg_pool2d(grid, stride, stride)
+        elif self.cfg.video_pool_mode == "max":
+            grid = F.max_pool2d(grid, stride, stride)
+        else:
+            grid = self.vision_resampler.pool(grid)
+        return grid.flatten(2).transpose(1, 2)  # (n, q*q, C)
 
     def _newline(self, dtype: torch.dtype) -> torch.Tensor:
         return self.image_newline.to(dtype)
 
-    def image_features(self, pixels: torch.Tensor, image_sizes: tuple[tuple[int, int], ...],
-                       image_tiled: tuple[bool, ...]) -> torch.Tensor:
+    def image_features(self, pixels: torch.Tensor, layouts: tuple[ImageLayout, ...]) -> torch.Tensor:
         """Features (R, D) of every image in order, ready to replace the image-token rows.
 
-        pixels: tower inputs of all images as the processor lays them out. image_sizes: (h, w)
-        per image. image_tiled: per image, whether it was cut into any-resolution tiles.
+        pixels: tower inputs of all images as the processor lays them out; layouts: one per image,
+        from the processor (`layout.tiles` rows of `pixels` each).
         """
-        return torch.cat(self.pack_images(self.encode_tiles(pixels), image_sizes, image_tiled))
+        return torch.cat(self.pack_images(self.encode_tiles(pixels), layouts))
 
-    def tiles_per_image(self, size: tuple[int, int], tiled: bool) -> int:
-        """Tower inputs the processor made for one image."""
-        if tiled and self.cfg.image_grid_pinpoints:
-            return anyres.num_tiles(size, self.cfg.image_grid_pinpoints, self.cfg.vision.image_size)
-        return 1
-
-    def pack_images(self, tiles: torch.Tensor, image_sizes: tuple[tuple[int, int], ...],
-                    image_tiled: tuple[bool, ...]) -> list[torch.Tensor]:
+    def pack_images(self, tiles: torch.Tensor, layouts: tuple[ImageLayout, ...]) -> list[torch.Tensor]:
         """Per-image features (R_i, D) from the projected tile features (N, F, D) of those images."""
-        out, start = [], 0
-        for size, tiled in zip(image_sizes, image_tiled):
-            n = self.tiles_per_image(size, tiled)
-            if start + n > tiles.shape[0]:
-                break
-            if not self.cfg.image_grid_pinpoints:
-                out.append(tiles[start])  # (F, D)
-            elif tiled:
-                out.append(self._pack_tiled(tiles[start : start + n], size))
-            else:
-                out.append(torch.cat([tiles[start], self._newline(tiles.dtype)[None]]))  # (F + 1, D)
-            start += n
-        if start != tiles.shape[0] or len(out) != len(image_sizes):
-            needed = sum(self.tiles_per_image(s, t) for s, t in zip(image_sizes, image_tiled))
+        needed = sum(x.tiles for x in layouts)
+        if needed != tiles.shape[0]:
             raise TokenFeatureMismatch(
                 f"{tiles.shape[0]} tiles were given for images that need {needed}; prepare inputs with vlm.prepare."
             )
+        out, start = [], 0
+        for layout in layouts:
+            n = layout.tiles
+            if layout.tiled:
+                out.append(self._pack_tiled(tiles[start : start + n], layout))
+            elif layout.newline:
+                out.append(torch.cat([tiles[start], self._newline(tiles.dtype)[None]]))  # (F + 1, D)
+            else:
+                out.append(tiles[start])  # (F, D): LLaVA-1.5
+            start += n
         return out
 
-    def _pack_tiled(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _pack_tiled(self, tiles: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
         """One tiled image: (1 + rows*cols, F, D) tile features → (F + h*(w+1), D)."""
-        cfg = self.cfg
-        p = cfg.vision.patches_per_side
-        rows, cols = anyres.grid_shape(size, cfg.image_grid_pinpoints, cfg.vision.image_size)
-        (top, bottom, left, right), final = anyres.image_feature_shape(
-            size, cfg.image_grid_pinpoints, cfg.vision.image_size, p, cfg.max_tiles)
+        p = self.cfg.vision.patches_per_side
+        rows, cols = layout.grid
+        top, bottom, left, right = layout.bounds
         d = tiles.shape[-1]
         grid = tiles[1:].view(rows, cols, p, p, d)  # (rows, cols, p, p, D)
         grid = grid.permute(4, 0, 2, 1, 3).reshape(d, rows * p, cols * p)  # (D, rows*p, cols*p), image order
         grid = grid[:, top:bottom, left:right]  # (D, h, w): padding cut away
-        if final != tuple(grid.shape[1:]):
-            grid = F.interpolate(grid[None], size=list(final), mode="bilinear")[0]  # anyres_max cap
+        if layout.features != tuple(grid.shape[1:]):
+            grid = F.interpolate(grid[None], size=list(layout.features), mode="bilinear")[0]  # anyres_max cap
         newline = self._newline(grid.dtype)[:, None, None].expand(d, grid.shape[1], 1)  # (D, h, 1)
         grid = torch.cat([grid, newline], dim=-1)  # (D, h, w+1)
         return torch.cat([tiles[0], grid.flatten(1, 2).T])  # (F + h*(w+1), D)
 
-    def video_features(self, pixels: torch.Tensor, video_frames: tuple[int, ...]) -> torch.Tensor:
-        """Features (R, D) of every video in order: pooled frames, then one newline per video.
+    def video_features(self, pixels: torch.Tensor, layouts: tuple[VideoLayout, ...]) -> torch.Tensor:
+        """Features (R, D) of every video in order: each frame pooled, then one newline per video.
 
-        pixels: (sum of frames, 3, S, S). video_frames: frames per video.
+        pixels: (sum of frames, 3, S, S); layouts: one per video, from the processor.
         """
-        if sum(video_frames) != pixels.shape[0]:
+        frames = [x.frames for x in layouts]
+        if sum(frames) != pixels.shape[0]:
             raise TokenFeatureMismatch(
-                f"{pixels.shape[0]} frames were given for videos of {sum(video_frames)}; prepare inputs with vlm.prepare."
+                f"{pixels.shape[0]} frames were given for videos of {sum(frames)}; prepare inputs with vlm.prepare."
             )
+        if self.cfg.video_pool_mode is not None:  # NeXT-Video: pooled in the tower's space; no newline
+            pooled = self.encode_tiles(pixels, pool=True)  # (ΣF, q*q, D)
+            return pooled.reshape(-1, pooled.shape[-1])
         p = self.cfg.vision.patches_per_side
-        q = anyres.pooled_side(p)
         feats = self.encode_tiles(pixels)  # (ΣF, p*p, D)
         n, _, d = feats.shape
         grid = feats.view(n, p, p, d).permute(0, 3, 1, 2)  # (ΣF, D, p, p)
-        pooled = F.interpolate(grid, size=[q, q], mode="bilinear")  # (ΣF, D, q, q)
-        pooled = pooled.permute(0, 2, 3, 1).reshape(n, q * q, d)  # (ΣF, q*q, D)
-        newline = self._newline(pooled.dtype)[None]  # (1, D)
-        out = [torch.cat([v.flatten(0, 1), newline]) for v in pooled.split(list(video_frames))]
+        out = []
+        for layout, video in zip(layouts, grid.split(frames)):
+            q = layout.side
+            pooled = F.interpolate(video, size=[q, q], mode="bilinear")  # (F, D, q, q)
+            rows = pooled.permute(0, 2, 3, 1).reshape(-1, d)  # (F*q*q, D)
+            if layout.newline:
+                rows = torch.cat([rows, self._newline(rows.dtype)[None]])
+            out.append(rows)
         return torch.cat(out)
 
     # -- merging ----------------------------------------------------------------------------------
@@ -184,11 +199,11 @@ class LlavaModel(nn.Module):
         return embeds
 
     def embed_inputs(self, input_ids: torch.Tensor, pixels: torch.Tensor | None,
-                     image_sizes: tuple[tuple[int, int], ...], image_tiled: tuple[bool, ...],
-                     video_pixels: torch.Tensor | None = None, video_frames: tuple[int, ...] = ()) -> torch.Tensor:
+                     image_layouts: tuple[ImageLayout, ...], video_pixels: torch.Tensor | None = None,
+                     video_layouts: tuple[VideoLayout, ...] = ()) -> torch.Tensor:
         """Embeddings (B, T, D) of a prepared batch: tokens, with image and video features in place."""
-        images = None if pixels is None else self.image_features(pixels, image_sizes, image_tiled)
-        videos = None if video_pixels is None else self.video_features(video_pixels, video_frames)
+        images = None if pixels is None else self.image_features(pixels, image_layouts)
+        videos = None if video_pixels is None else self.video_features(video_pixels, video_layouts)
         return self.embed(input_ids.to(self.device), images, videos)
 
     # -- language ---------------------------------------------------------------------------------

@@ -49,12 +49,14 @@ class VisionAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.head_dim = d // cfg.num_heads
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, d = x.shape
-        shape = (n, length, self.num_heads, d // self.num_heads)
+        n, length, _ = x.shape
+        # Heads counted from q_proj's output, as the decoder does: a tensor-parallel rank holds some of them.
+        shape = (n, length, -1, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # (N, Hv, L, hd)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
@@ -62,7 +64,7 @@ class VisionAttention(nn.Module):
             out = dense_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, d))  # (N, L, Dv)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))  # (N, L, Dv)
 
 
 class VisionMLP(nn.Module):

@@ -2,8 +2,8 @@
 
 Two halves:
 
-* `load_image(source)` turns a path, URL, bytes, base64 text, data URL or PIL object into an
-  RGB PIL image, with transformers' RGB rule for each kind of input.
+* `load_image(source)` turns a path, URL, bytes, base64 text, data URL, PIL object, numpy array
+  or torch tensor into an RGB PIL image, with transformers' RGB rule for each kind of input.
 * `preprocess(image, cfg)` turns one image into a normalized float32 CHW array, equal bit for
   bit to transformers' PIL backend (`PilBackend._preprocess`; `LlavaImageProcessorPil` for
   `do_pad`).
@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,7 +54,7 @@ PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"
 
 _SOURCES_HINT = (
     "Pass a PIL image, a path to an image file, encoded image bytes, an http(s) URL, "
-    "a data:image/...;base64,... URL or base64 text."
+    "a data:image/...;base64,... URL, base64 text, or a numpy array or torch tensor of pixels."
 )
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ico", ".ppm", ".pgm", ".jfif"}
 
@@ -164,10 +165,14 @@ def load_image(source: Any) -> Image.Image:
     image file, an http(s) URL (public hosts only, 30 s and 64 MiB at most), a
     `data:image/...;base64,...` URL or plain base64 text. Encoded inputs are EXIF-rotated and
     `convert("RGB")`-ed (alpha dropped); PIL objects are not rotated and have transparency
-    composited onto white (see the module docstring). Raises `ImageError` on any failure.
+    composited onto white (see the module docstring). A numpy array or torch tensor is read by
+    `image_array` (float values in [0, 1] are taken as already scaled). Raises `ImageError` on any failure.
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)
+    array = image_array(source)
+    if array is not None:
+        return Image.fromarray(quantize(array))
     if isinstance(source, (bytes, bytearray)):
         return _decode(io.BytesIO(bytes(source)), source)
     if isinstance(source, os.PathLike):
@@ -175,6 +180,76 @@ def load_image(source: Any) -> Image.Image:
     if isinstance(source, str):
         return _load_str(source)
     raise ImageError(f"Cannot load an image from a {type(source).__name__} ({_describe(source)}). {_SOURCES_HINT}")
+
+
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported: no import here
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def image_array(source: Any, what: str = "an image") -> np.ndarray | None:
+    """(H, W, 3) RGB pixels of an image given as a numpy array or a torch tensor; None for anything else.
+
+    numpy arrays are (H, W, C), torch tensors (C, H, W) (either is read the other way round when only
+    that fits), C 1 (grey), 3 (RGB) or 4 (RGBA, composited onto white as transformers does), or (H, W)
+    grey. uint8 holds 0..255; a float dtype holds values in [0, 1], already scaled, and is returned as
+    float (see `quantize`). ImageError for other dtypes, shapes, NaN or values outside [0, 1].
+    """
+    if _is_tensor(source):
+        torch = sys.modules["torch"]
+        t = source.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            t = t.float()
+        array, channels_first = t.numpy(), True
+    elif isinstance(source, np.ndarray):
+        array, channels_first = source, False
+    else:
+        return None
+    kind = f"{what} {'tensor' if channels_first else 'array'}"
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise ImageError(f"{kind} of dtype {array.dtype} is not supported: give uint8 values (0..255) or floats "
+                         "in [0, 1] (for example array.astype(np.uint8)).")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    layout = None
+    if array.ndim == 3:
+        first, last = array.shape[0] in _CHANNELS, array.shape[-1] in _CHANNELS
+        if channels_first:
+            layout = "CHW" if first else "HWC" if last else None
+        else:
+            layout = "HWC" if last else "CHW" if first else None
+    if array.ndim != 3 or layout is None or 0 in array.shape:
+        want = "(channels, height, width)" if channels_first else "(height, width, channels)"
+        raise ImageError(f"{kind} of shape {tuple(array.shape)} is not an image: give {want} with 1, 3 or 4 "
+                         "channels, or (height, width) grey.")
+    hwc = np.moveaxis(array, 0, -1) if layout == "CHW" else array  # (H, W, C)
+    if hwc.dtype != np.uint8:
+        low, high = float(hwc.min()), float(hwc.max())
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both
+            raise ImageError(f"{kind} holds float values in [{low}, {high}]; float pixels must lie in [0, 1] "
+                             "(already scaled). For 0..255 values pass uint8, or divide by 255.")
+    channels = hwc.shape[-1]
+    if channels == 1:
+        return np.repeat(hwc, 3, axis=-1)
+    if channels == 4:  # transformers' convert_to_rgb for arrays: blend onto white, rounding integer pixels
+        white = 255 if hwc.dtype == np.uint8 else 1.0
+        alpha = hwc[..., 3:4] / white
+        blended = alpha * hwc[..., :3] + (1 - alpha) * white
+        return np.round(blended).astype(hwc.dtype) if white == 255 else blended.astype(hwc.dtype)
+    return hwc
+
+
+def quantize(hwc: np.ndarray) -> np.ndarray:
+    """uint8 pixels of an `image_array` result. A float image becomes the uint8 image transformers'
+    PIL backend resizes it as (x * 255 in float64, to float32, truncated): its first step on a float
+    image, and one that its later ones undo exactly, so the pixel values equal transformers' with
+    `do_rescale=False`."""
+    if hwc.dtype == np.uint8:
+        return np.ascontiguousarray(hwc)
+    return (hwc.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
 
 
 # ───────────────────────────── config ─────────────────────────────
@@ -510,11 +585,21 @@ def anyres_tiles(image: Image.Image, cfg: ImageProcessorConfig, pinpoints: tuple
     inner = anyres.resize_within(size, best)
     top, bottom, left, right = anyres.centre_padding(inner, best)
     canvas = np.pad(_resize_hwc(hwc, inner, cfg.resample), ((top, bottom), (left, right), (0, 0)))  # (bh, bw, 3)
-    side = cfg.size_shortest_edge or cfg.size_height
-    base_size = (cfg.size_height, cfg.size_width) if cfg.size_shortest_edge is None else (side, side)
-    views = [_resize_hwc(hwc, base_size, cfg.resample)]
+    views = [_base_view_hwc(hwc, cfg)]
     views += [canvas[i : i + tile, j : j + tile] for i in range(0, best[0], tile) for j in range(0, best[1], tile)]
     return np.stack([_pipeline(np.ascontiguousarray(v), cfg) for v in views])
+
+
+def _base_view_hwc(hwc: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    side = cfg.size_shortest_edge or cfg.size_height
+    base_size = (cfg.size_height, cfg.size_width) if cfg.size_shortest_edge is None else (side, side)
+    return _resize_hwc(hwc, base_size, cfg.resample)
+
+
+def base_view(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """The any-res base view alone (the whole image squashed to the tile): float32 (3, S, S), equal to
+    the first tile `anyres_tiles` makes. LLaVA-NeXT's one-tile encoding (`detail: low`)."""
+    return _pipeline(np.ascontiguousarray(_base_view_hwc(_rgb_array(image, cfg), cfg)), cfg)
 
 
 def square_tile(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:

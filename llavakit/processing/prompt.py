@@ -17,7 +17,7 @@ import itertools
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -32,7 +32,9 @@ from ..jsonfile import read_json_object
 
 IMAGE_KEYS = ("image", "url", "path", "base64")
 VIDEO_KEYS = ("video", "url", "path")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the usual ones; any word is passed on
+# A role is rendered by the template as it is, so it must be a plain word: never special-token text.
+ROLE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 # Used when a checkpoint ships no template: the published template of each family's LLaVA.
 DEFAULT_TEMPLATES = {
@@ -41,6 +43,16 @@ DEFAULT_TEMPLATES = {
         "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
         "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
         "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}"
+        "{% else %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
+    # LLaVA-NeXT-Video (Vicuna), as llava-hf/LLaVA-NeXT-Video-7B-hf: images, then videos, then text
+    "llava_next_video": (
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+        "{{ '<video>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
         "{% if message['role'] == 'assistant' %}{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}"
         "{% else %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
@@ -323,14 +335,78 @@ def _compiled(template: str) -> jinja2.Template:
     return _ENV.from_string(template)
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str]) -> str:
-    """Render a chat template exactly as transformers' apply_chat_template does."""
+def render_template(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str],
+                    continue_final_message: bool = False) -> str:
+    """Render a chat template exactly as transformers' apply_chat_template does.
+
+    continue_final_message: end the prompt inside the last message, right after its last text (see
+    `continue_final`), so that the model continues that message; needs add_generation_prompt False.
+    """
+    if not continue_final_message:
+        return _render(template, messages, add_generation_prompt, tokens)
+    check_generation_prompt(add_generation_prompt, continue_final_message)
+    tagged, final = continue_final(template, messages)
+    text = _render(template, tagged, add_generation_prompt, tokens)
+    return text[: _continue_cut(text, final)]
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str]) -> str:
     try:
         compiled = _compiled(template)
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **tokens)
     except jinja2.exceptions.TemplateError as e:
         raise PromptError(f"the chat template failed on this conversation: {e}") from e
+
+
+# transformers' marker for the end of the final message (its `continue_final_message`): appended to
+# the message's last text, the rendered prompt is cut where it lands. Kept identical so the cut is too.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def check_generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:
+    """`add_generation_prompt` resolved: None means "unless the final message is continued". Raises
+    PromptError for both on, which transformers refuses too (the prompt would end in a new turn)."""
+    if add_generation_prompt is None:
+        return not continue_final_message
+    if add_generation_prompt and continue_final_message:
+        raise PromptError(
+            "continue_final_message and add_generation_prompt cannot both be on: continue_final_message lets the "
+            "model continue the last message, add_generation_prompt starts a new assistant turn after it. "
+            "Pass add_generation_prompt=False (or leave it out)."
+        )
+    return bool(add_generation_prompt)
+
+
+def continue_final(template: str, messages: list[dict]) -> tuple[list[dict], str]:
+    """The messages (template form) with transformers' continue tag after the last text of the last
+    message, and that text. PromptError when there is nothing to continue."""
+    if not messages:
+        raise PromptError("continue_final_message is set but the conversation is empty.")
+    if "content" not in template:  # transformers' own check: the template must read the message content
+        raise PromptError("continue_final_message is set but this chat template never reads a message's content.")
+    last = messages[-1]
+    parts = list(last["content"])
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].get("type") == "text":
+            final = parts[k]["text"]
+            parts[k] = {**parts[k], "text": final + _CONTINUE_TAG}
+            return [*messages[:-1], {**last, "content": parts}], final
+    raise PromptError("continue_final_message is set but the last message has no text to continue; end the "
+                      "conversation with a message that holds text (such as an assistant message to continue).")
+
+
+def _continue_cut(rendered: str, final: str) -> int:
+    """Where a prompt rendered with the continue tag ends: right after the final message's text
+    (before any whitespace the template stripped from it), as transformers cuts it."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise PromptError("continue_final_message is set but the chat template does not render the last message's "
+                          "text (it drops or rewrites it), so the prompt cannot end inside that message.")
+    at = rendered.rindex(tag)
+    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return at
+    return len(rendered[:at].rstrip())  # the template stripped the text's trailing space, and the tag's
 
 
 # Stands in for the i-th message text while rendering: private-use characters no template writes.
@@ -349,14 +425,33 @@ class Rendered:
 
 
 def render_conversation(template: str, messages: list[dict], add_generation_prompt: bool,
-                        tokens: dict[str, str]) -> Rendered:
+                        tokens: dict[str, str], continue_final_message: bool = False) -> Rendered:
     """Render a conversation (in the template form of `split_conversation`) and locate its message text.
 
     Rendered once as is and once with each text part replaced by a marker: the texts put back in place
     of the markers must give the first render, so text inserted verbatim (or stripped) is located
     exactly. Message text never reaches the marked render, so it cannot forge a marker.
+    continue_final_message: as `render_template`; the text, spans and template text end where the
+    final message's text does.
     """
-    text = render_template(template, messages, add_generation_prompt, tokens)
+    if not continue_final_message:
+        return _locate(template, messages, add_generation_prompt, tokens)
+    check_generation_prompt(add_generation_prompt, continue_final_message)
+    tagged, final = continue_final(template, messages)
+    full = _locate(template, tagged, add_generation_prompt, tokens)
+    cut = _continue_cut(full.text, final)
+    spans = None
+    if full.content_spans is not None:
+        spans = tuple((a, min(b, cut)) for a, b in full.content_spans if a < cut)
+    # The final text is the last one marked (the tag keeps it non-empty): the template's text ends with its marker.
+    last = _MARK.format(sum(1 for m in tagged for p in m["content"] if p.get("type") == "text" and p["text"]) - 1)
+    marked_end = full.template_text.rfind(last)
+    template_text = full.template_text[: marked_end + len(last)] if marked_end >= 0 else full.template_text
+    return Rendered(full.text[:cut], spans, template_text)
+
+
+def _locate(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str]) -> Rendered:
+    text = _render(template, messages, add_generation_prompt, tokens)
     texts: list[str] = []
     marked = []
     for m in messages:
@@ -370,7 +465,7 @@ def render_conversation(template: str, messages: list[dict], add_generation_prom
         marked.append({**m, "content": parts})
     if not texts:
         return Rendered(text, (), text)
-    template_text = render_template(template, marked, add_generation_prompt, tokens)
+    template_text = _render(template, marked, add_generation_prompt, tokens)
     pieces = _MARK_RE.split(template_text)  # template text, mark index, template text, ...
     for variant in (texts, [t.strip() for t in texts]):  # verbatim, or `| trim` / `.strip()` templates
         out = [variant[int(p)] if n % 2 and int(p) < len(variant) else p for n, p in enumerate(pieces)]
@@ -418,6 +513,7 @@ class Conversation:
     messages: list[dict]
     images: list[Any]
     videos: list[VideoPart]
+    image_details: list[str | None] = field(default_factory=list)  # per image: its part's "detail", or None
 
 
 def split_conversation(messages: Any) -> Conversation:
@@ -427,12 +523,13 @@ def split_conversation(messages: Any) -> Conversation:
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("a conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
-    out, images, videos = [], [], []
+    out, images, videos, details = [], [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise PromptError(f"message {i} must be a dict with 'role' and 'content', got {str(m)[:80]!r}.")
-        if m["role"] not in ROLES:
-            raise PromptError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}.")
+        if not isinstance(m["role"], str) or not ROLE_PATTERN.fullmatch(m["role"]):
+            raise PromptError(f"message {i} has role {str(m['role'])[:80]!r}; a role is a word of letters, digits, "
+                              f"'_' and '-' (such as {', '.join(ROLES)}), passed to the chat template as it is.")
         content = m["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
@@ -447,6 +544,7 @@ def split_conversation(messages: Any) -> Conversation:
                 parts.append({"type": "text", "text": part["text"]})
             elif kind in ("image", "image_url"):
                 images.append(_image_source(part, i))
+                details.append(_image_detail(part, i))
                 parts.append({"type": "image"})
             elif kind == "video":
                 videos.append(_video_part(part, i))
@@ -456,7 +554,16 @@ def split_conversation(messages: Any) -> Conversation:
                     f"message {i}: content part type {kind!r} is not supported; use 'text', 'image' or 'video'."
                 )
         out.append({"role": m["role"], "content": parts})
-    return Conversation(out, images, videos)
+    return Conversation(out, images, videos, details)
+
+
+def _image_detail(part: dict, i: int) -> str | None:
+    """An image part's "detail" (OpenAI's key, also inside "image_url"), checked; None when absent."""
+    url = part.get("image_url")
+    detail = part.get("detail", url.get("detail") if isinstance(url, dict) else None)
+    if detail is not None and detail not in ("auto", "low", "high"):
+        raise PromptError(f"message {i}: image detail {detail!r} is not one of auto, low, high.")
+    return detail
 
 
 def _image_source(part: dict, i: int) -> Any:

@@ -6,6 +6,9 @@
     grammar.py      response_format → llguidance constraints
     completions.py  one request: checks, admission, encoding, n engine requests, streaming
     metrics.py      Prometheus metrics; app.py: the FastAPI app; run.py: uvicorn and shutdown
+    asgi.py         error responses, request counting and body limits, shared by app.py and front.py
+    front.py        `--replicas N`: the HTTP front that forwards each request to an engine replica
+    replicas.py     `--replicas N`: the replicas on Ray Serve, the media-affinity router, the cluster
 """
 
 from .config import ServerConfig

@@ -23,50 +23,21 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .asgi import PARSE_INLINE_BYTES as _PARSE_INLINE_BYTES
+from .asgi import RequestMetrics as _RequestMetrics
+from .asgi import error_response
+from .asgi import read_body as _read_body
 from .completions import ChatService, ClientDisconnected, Stream
 from .config import ServerConfig
-from .errors import APIError, Overloaded, PayloadTooLarge, RequestTimeout, log, to_api_error
+from .errors import APIError, Overloaded, log, to_api_error
 from .guard import RequestGuard
 from .metrics import CONTENT_TYPE, Metrics
 
-_ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
-_PARSE_INLINE_BYTES = 256 << 10
 _STATIC = Path(__file__).parent / "static"
 # The page loads nothing but its own files; attachments are previewed from data: and blob: URLs.
 _PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Content-Security-Policy": (
     "default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
-
-
-def error_response(err: APIError, retry_after: int) -> JSONResponse:
-    """The JSON response of an APIError (Retry-After on 429 and 503)."""
-    headers = dict(err.headers)
-    if err.status in (429, 503):
-        headers.setdefault("Retry-After", str(retry_after))
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-class _RequestMetrics:
-    """Pure ASGI middleware counting responses by route and status (BaseHTTPMiddleware would buffer streams)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in _ROUTES else "other"
-        status = {"code": 500}
-
-        async def send_and_count(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_count)
-        finally:
-            self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
 class _SSEResponse(StreamingResponse):
@@ -82,28 +53,6 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.stream.close()
-
-
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (declared or actual length), and
-    with 408 when it has not all arrived within `timeout_s` (a client trickling its body)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this server accepts at most {limit} "
-                              "(--max-body-bytes). Send smaller or fewer images.")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for piece in request.stream():
-                size += len(piece)
-                if size > limit:
-                    raise PayloadTooLarge(f"the request body is larger than this server's limit of {limit} bytes "
-                                          "(--max-body-bytes). Send smaller or fewer images.")
-                chunks.append(piece)
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s (--body-timeout); "
-                             f"{size} bytes came.") from None
-    return b"".join(chunks)
 
 
 async def _disconnected(request: Request) -> None:

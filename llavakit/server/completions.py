@@ -31,6 +31,15 @@ from .protocol import (ChatCompletionRequest, ImagePart, TextPart, VideoPart, ch
 _IDLE_TRIM_DELAY_S = 2.0  # quiet time before freed memory is handed back
 
 
+def template_role(role: str, template: str) -> str:
+    """The role a message's template gets. `developer` is OpenAI's newer name for system instructions:
+    a template that names the role gets it as it is (as vLLM passes it); one that does not (LLaVA's
+    templates) gets the `system` role it means, not a turn it would render as an unknown speaker."""
+    if role == "developer" and "developer" not in template:
+        return "system"
+    return role
+
+
 class ClientDisconnected(Exception):
     """The client closed the connection before its whole answer was ready."""
 
@@ -145,7 +154,7 @@ class ChatService:
         """The conversation in llavakit's format, every medium resolved to checked bytes (blocking)."""
         out = []
         for i, m in enumerate(req.messages):
-            role = "system" if m.role == "developer" else m.role
+            role = template_role(m.role, self.vlm.processor.chat_template)
             if isinstance(m.content, str):
                 out.append({"role": role, "content": m.content})
                 continue
@@ -155,7 +164,8 @@ class ChatService:
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
                 elif isinstance(part, ImagePart):
-                    parts.append({"type": "image", "image": self.media.image(part.image_url.url, param + ".image_url")})
+                    parts.append({"type": "image", "image": self.media.image(part.image_url.url, param + ".image_url"),
+                                  "detail": part.image_url.detail})
                 else:
                     v = part.video_url
                     if v.num_frames is not None and v.num_frames > self.cfg.max_video_frames:
@@ -173,7 +183,7 @@ class ChatService:
     def _encode(self, req: ChatCompletionRequest):
         """(encoded prompt, hashed media): decoding, tokenizing and hashing, all in a media thread."""
         start = time.perf_counter()
-        encoded = self.engine.encode(self._messages(req))
+        encoded = self.engine.encode(self._messages(req), req.add_generation_prompt, bool(req.continue_final_message))
         media = self.engine.media(encoded)
         self.metrics.encode_latency.observe(time.perf_counter() - start)
         return encoded, media
@@ -290,6 +300,7 @@ class ChatService:
             work = asyncio.gather(*tasks)
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the client left: free the engine, nobody reads the answer
+                work.cancel()  # cancels the choices; a cancelled gather leaves no unretrieved exception to log
                 raise ClientDisconnected
             work.result()
         finally:

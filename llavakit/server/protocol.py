@@ -4,7 +4,9 @@ Requests are validated strictly: wrong JSON types are not coerced ("1" is not a 
 fields are refused (a typo must not silently change nothing), and parameters OpenAI defines but
 llavakit does not implement (tools, penalties, logit_bias, audio) are refused when set rather
 than ignored. vLLM's sampling extensions `top_k`, `repetition_penalty` and `ignore_eos` are
-accepted. Videos come as `{"type": "video_url", "video_url": {"url": ..., "num_frames"?, "fps"?}}`.
+accepted, and so are its `continue_final_message` and `add_generation_prompt` (an assistant
+prefill: the answer continues the last message). Videos come as
+`{"type": "video_url", "video_url": {"url": ..., "num_frames"?, "fps"?}}`.
 
 Responses are plain dicts built here, in the shape the `openai` client parses.
 """
@@ -43,7 +45,8 @@ class ImageURL(_Strict):
     """Where an image comes from: a data:, http(s):// or file:// URL."""
 
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None  # accepted and ignored: tiling follows the checkpoint
+    # low: one tile (fewest tokens); high: any-res always; auto/None: --default-image-detail's choice
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(_Strict):
@@ -152,6 +155,10 @@ class ChatCompletionRequest(_Strict):
     top_k: int | None = Field(None, ge=-1)  # vLLM extension; -1 or 0 turn it off
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # vLLM extension
     ignore_eos: bool | None = None  # vLLM extension (benchmarks)
+    # vLLM extensions: continue the last message (an assistant prefill) instead of opening a new turn.
+    # add_generation_prompt None: on unless continue_final_message is.
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
@@ -197,6 +204,9 @@ class ChatCompletionRequest(_Strict):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; give one of them")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: continuing the "
+                             "last message leaves no room for a new turn; set add_generation_prompt to false")
         return self
 
 

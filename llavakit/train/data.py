@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..anyres import ImageLayout, VideoLayout
 from ..errors import LlavakitError
 from ..processing.processor import Processor
 from ..processing.processor import collate as pad_batch
@@ -55,10 +56,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE except at assistant tokens
     pixel_values: np.ndarray | None  # (tiles, 3, S, S)
-    image_sizes: tuple[tuple[int, int], ...]
-    image_tiled: tuple[bool, ...]
+    image_layouts: tuple[ImageLayout, ...]
     video_pixels: np.ndarray | None  # (frames, 3, S, S)
-    video_frames: tuple[int, ...]
+    video_layouts: tuple[VideoLayout, ...]
+
+    image_tiled = property(lambda self: tuple(x.tiled for x in self.image_layouts), doc="Per image, whether tiled.")
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,9 @@ class TrainBatch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None
-    image_sizes: tuple[tuple[int, int], ...]
-    image_tiled: tuple[bool, ...]
+    image_layouts: tuple[ImageLayout, ...]
     video_pixels: torch.Tensor | None
-    video_frames: tuple[int, ...]
+    video_layouts: tuple[VideoLayout, ...]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -276,14 +277,14 @@ def encode_example(proc: Processor, messages: list[dict], max_length: int | None
     """Token ids and labels of one conversation, with its media preprocessed (raises DataError)."""
     text, spans = assistant_spans(proc, messages)
     conv = split_conversation(messages)
-    enc = proc.encode_prompt(text, conv.images, conv.videos)  # ids exactly as inference would tokenize them
+    # ids exactly as inference would tokenize them
+    enc = proc.encode_prompt(text, conv.images, conv.videos, image_details=conv.image_details)
     labels = _labels(proc, text, spans, enc)
     if max_length is not None and len(enc.input_ids) > max_length:
         raise DataError(f"{len(enc.input_ids)} tokens after tokenization, more than --max-length {max_length}")
     if all(v == IGNORE for v in labels[1:]):
         raise DataError("no assistant token survives tokenization")
-    return Example(enc.input_ids, labels, enc.pixel_values, enc.image_sizes, enc.image_tiled,
-                   enc.video_pixels, enc.video_frames)
+    return Example(enc.input_ids, labels, enc.pixel_values, enc.image_layouts, enc.video_pixels, enc.video_layouts)
 
 
 def _labels(proc: Processor, text: str, spans: list[tuple[int, int]], enc) -> list[int]:
@@ -300,9 +301,9 @@ def _labels(proc: Processor, text: str, spans: list[tuple[int, int]], enc) -> li
         add_special = not (tok.bos_token and text.startswith(tok.bos_token))
         encoding = tok.tok.encode(text, add_special_tokens=add_special)
         compact, offsets = encoding.ids, encoding.offsets
-    runs = {m.image_token_id: [proc.image_tokens(size, tiled) for size, tiled in zip(enc.image_sizes, enc.image_tiled)]}
+    runs = {m.image_token_id: [x.tokens for x in enc.image_layouts]}
     if m.video_token_id is not None:
-        runs[m.video_token_id] = [proc.video_tokens(f) for f in enc.video_frames]
+        runs[m.video_token_id] = [x.tokens for x in enc.video_layouts]
     ids, labels = [], []
     for i, (a, b) in zip(compact, offsets):
         if i in runs and runs[i]:
@@ -350,6 +351,6 @@ def collate(examples: list[Example], pad_token_id: int) -> TrainBatch:
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
     return TrainBatch(
         input_ids=batch.input_ids, labels=labels, attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values, image_sizes=batch.image_sizes, image_tiled=batch.image_tiled,
-        video_pixels=batch.video_pixels, video_frames=batch.video_frames,
+        pixel_values=batch.pixel_values, image_layouts=batch.image_layouts,
+        video_pixels=batch.video_pixels, video_layouts=batch.video_layouts,
     )

@@ -14,6 +14,11 @@ A run is a pure function of its arguments and seed: the data order of each epoch
 A non-empty output folder is refused (before the model or the data are read) unless the run resumes
 from it or is told to overwrite it: a finished model or a week's checkpoints are never lost to a
 mistyped --out.
+
+Under torchrun every process runs `train` (see distributed.py): batch_size is per process, a step's
+global batch is batch_size × grad_accum × processes conversations, the same ones whatever the
+number of processes, and only rank 0 writes checkpoints, logs and the summary. A checkpoint resumes
+on another number of processes when the global batch is the same.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import torch
 
 from ..errors import ConfigError, LlavakitError
 from ..progress import StatusLine, clock
+from . import distributed
 from .data import DataError, Example, Record, collate, encode_example, read_records
-from .objective import enable_checkpointing, loss_sum
+from .distributed import SINGLE, World
+from .objective import Objective, enable_checkpointing, loss_sum
 
 STAGES = ("projector", "full", "lora")
 STATE_FILE = "trainer_state.pt"
@@ -46,7 +53,7 @@ class TrainConfig:
     stage: str = "full"
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 8  # conversations per micro-batch
+    batch_size: int = 8  # conversations per micro-batch, per process (as transformers' per_device_train_batch_size)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-5
     warmup_ratio: float = 0.03
@@ -76,23 +83,32 @@ class TrainError(LlavakitError):
 class _Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    cursor: int = 0  # examples of this epoch's order already consumed
+    cursor: int = 0  # records of this epoch's order already consumed (by all processes together)
     samples: int = 0
 
 
 def load_dataset(path: Path, vlm, cfg: TrainConfig, image_folder: Path | None = None,
-                 log=print) -> list[Record]:
-    """Read and check every record (text, media, length) before training; report bad ones by line."""
-    good, bad = [], []
-    for rec in read_records(path, image_folder):
+                 log=print, world: World = SINGLE) -> list[Record]:
+    """Read and check every record (text, media, length) before training; report bad ones by line.
+
+    world: with several processes each checks its share of the records and all learn every verdict,
+    so every rank ends with the same list.
+    """
+    parsed = list(read_records(path, image_folder))
+    verdicts = {}  # index in `parsed` -> why the record is bad
+    for i in range(world.rank, len(parsed), world.size):
+        rec = parsed[i]
         if isinstance(rec, DataError):
-            bad.append(str(rec))
+            verdicts[i] = str(rec)
             continue
         try:
             check_record(vlm.processor, rec, cfg.max_length)
-            good.append(rec)
         except LlavakitError as e:
-            bad.append(f"{rec.path.name} line {rec.line}: {e}")
+            verdicts[i] = f"{rec.path.name} line {rec.line}: {e}"
+    for part in distributed.gather(world, verdicts):
+        verdicts.update(part)
+    good = [rec for i, rec in enumerate(parsed) if i not in verdicts]
+    bad = [verdicts[i] for i in sorted(verdicts)]
     for message in bad:
         log(f"[llavakit] bad record: {message}")
     if bad and cfg.on_bad_data == "fail":
@@ -115,9 +131,8 @@ def check_record(proc, rec: Record, max_length: int) -> None:
 
     text, _ = assistant_spans(proc, rec.messages)
     conv = split_conversation(rec.messages)
-    tiled = proc.tiles_images(len(conv.images))
     n = 0
-    for src in conv.images:
+    for k, (src, detail) in enumerate(zip(conv.images, conv.image_details)):
         if isinstance(src, str) and Path(src).is_file():
             try:
                 with Image.open(src) as im:
@@ -127,7 +142,7 @@ def check_record(proc, rec: Record, max_length: int) -> None:
         else:
             im = load_image(src)
             w, h = im.size
-        n += proc.image_tokens((h, w), tiled)
+        n += proc.choose_layout((h, w), len(conv.images), detail, k).tokens
     for v in conv.videos:
         if isinstance(v.source, str) and not v.source.startswith(("http", "data:")) and not Path(v.source).is_file():
             raise DataError(f"video {v.source} does not exist")
@@ -185,25 +200,37 @@ def _encode(proc, rec: Record, cfg: TrainConfig, log) -> Example | None:
 
 
 def evaluate(vlm, records: list[Record], cfg: TrainConfig, adapters=None, progress: bool = False,
-             label: str = "eval") -> float:
+             label: str = "eval", objective=None, world: World = SINGLE, filler: Example | None = None) -> float:
     """Mean loss per target token over `records` (no gradients).
 
     progress: a status line "[label done/total] loss so far | elapsed < remaining" on stderr, as the
     training loop shows, ended when the evaluation is (an evaluation of thousands of records takes
     minutes: the user sees it move).
+    objective, world, filler: with several processes, the wrapped Objective (FSDP gathers its sharded
+    parameters around its forward) and this rank's place: rank r evaluates the r-th batch_size records
+    of every world × batch_size, and the sums are added over the ranks. A rank left without records
+    (at the end) runs `filler`, a good example, and drops its loss: every rank must run as many
+    forward passes, since FSDP's are collective.
     """
     model = vlm.model
+    run = objective or (lambda batch: loss_sum(model, batch))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     status, started = StatusLine() if progress else None, time.perf_counter()
+    chunk, pad = cfg.batch_size * world.size, vlm.processor.pad_token_id
     with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        for i in range(0, len(records), cfg.batch_size):
-            examples = [e for r in records[i:i + cfg.batch_size] if (e := _encode(vlm.processor, r, cfg, lambda _: None))]
+        for i in range(0, len(records), chunk):
+            mine = records[i + world.rank * cfg.batch_size:i + (world.rank + 1) * cfg.batch_size]
+            examples = [e for r in mine if (e := _encode(vlm.processor, r, cfg, lambda _: None))]
             if examples:
-                s, n = loss_sum(model, collate(examples, vlm.processor.pad_token_id))
+                s, n = run(collate(examples, pad))
                 total, count = total + s.item(), count + n
-            done = min(i + cfg.batch_size, len(records))
+            elif world.size > 1:
+                run(collate([filler], pad))
+            done = min(i + chunk, len(records))
+            if done == len(records):  # the whole loss, before the final status line shows it
+                total, count = distributed.sum_over_ranks(world, [total, count], model.device)
             if status is not None and (status.due() or done == len(records)):
                 elapsed = time.perf_counter() - started
                 eta = elapsed / done * (len(records) - done)
@@ -241,31 +268,55 @@ def check_out(out: Path, overwrite: bool = False, resume: bool | Path = False) -
 
 def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_data: Path | None = None,
           resume: bool | Path = False, image_folder: Path | None = None, log=None, progress: bool = True,
-          device: str = "cpu", overwrite: bool = False) -> dict:
+          device: str = "cpu", overwrite: bool = False, fsdp: bool = False) -> dict:
     """Run a training job; returns a summary (steps, losses, time). See the module docstring.
 
     resume: True continues from the newest checkpoint-N in `out`, a path from that checkpoint.
     overwrite: start a new run in a non-empty `out` (see `check_out`); ConfigError without it or resume.
     device: where the model trains ("cpu", "cuda", ...); weights and optimizer state stay float32.
+    Under torchrun (see distributed.py) every process calls this and gets the same summary; only rank 0
+    logs and writes. fsdp: shard the model, its gradients and optimizer state over the processes
+    (FSDP2, stage "full") instead of keeping a whole copy in each (DDP).
     """
-    from ..checkpoint import open_checkpoint
-    from . import lora
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if cfg.stage not in STAGES:
         raise TrainError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}.")
-    out = Path(out)
-    check_out(out, overwrite, resume)
-    start_from = _resume_dir(out, resume)
-    if start_from is not None:
-        saved = json.loads((start_from / "train_config.json").read_text())
-        if saved != _jsonable(cfg):
-            raise TrainError(f"--resume: {start_from} was made with other options ({_diff(saved, _jsonable(cfg))}); "
-                             "resume with the same options.")
+    if fsdp and cfg.stage != "full":
+        raise ConfigError(f"--fsdp shards full fine-tuning (--stage full); --stage {cfg.stage} trains few parameters "
+                          "and keeps a whole model in each process: drop --fsdp.")
+    world, device = distributed.start(device, fsdp)
+    try:
+        return _train(model_dir, Path(data), Path(out), cfg, eval_data, resume, image_folder,
+                      log if world.main else _quiet, progress and world.main, device, overwrite, fsdp, world)
+    finally:
+        distributed.stop(world)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _train(model_dir, data: Path, out: Path, cfg: TrainConfig, eval_data, resume, image_folder, log,
+           progress: bool, device: str, overwrite: bool, fsdp: bool, world: World) -> dict:
+    from ..checkpoint import open_checkpoint
+    from . import lora
+
+    start_from = None
+
+    def check() -> None:
+        nonlocal start_from
+        check_out(out, overwrite, resume)
+        start_from = _resume_dir(out, resume)
+        if start_from is not None:
+            _check_resume(start_from, cfg, world)
+
+    distributed.together(world, check)  # every rank has looked at --out before rank 0 writes there
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     base = start_from if (start_from is not None and cfg.stage != "lora") else model_dir
-    vlm = open_checkpoint(base, dtype=torch.float32, device=device)  # not llavakit.load: no engine in training
+    # With fsdp the model stays on the CPU until sharded: fully_shard moves each layer's shard to the
+    # device, so no device ever holds the whole model (not llavakit.load: no engine in training).
+    vlm = open_checkpoint(base, dtype=torch.float32, device="cpu" if fsdp else device)
     model = vlm.model
     adapters = None
     if cfg.stage == "lora":
@@ -273,71 +324,82 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
         if start_from is not None:
             lora.load_adapter_weights(adapters, model, start_from)
     trainable = _set_trainable(model, cfg)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if adapters is not None:
-        named += [(f"lora.{n}", p) for n, p in adapters.named_parameters()]
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.compile:
         # Per layer and with dynamic shapes: conversations differ in length, one graph serves them all.
         for layer in list(model.language_model.layers) + list(model.vision_tower.encoder.layers):
             layer.compile(dynamic=True)
+    touch = distributed.MAYBE_UNUSED if fsdp else ()
+    objective = distributed.wrap(Objective(model, adapters, touch), model, world, fsdp, device)
+    # After wrapping: FSDP replaces the parameters by sharded ones, which the optimizer must hold.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if adapters is not None:
+        named += [(f"lora.{n}", p) for n, p in adapters.named_parameters()]
 
-    records = load_dataset(data, vlm, cfg, image_folder, log)
-    eval_records = load_dataset(eval_data, vlm, cfg, None, log) if eval_data else []
-    micro = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = max(1, math.ceil(len(records) / micro))
+    records = load_dataset(data, vlm, cfg, image_folder, log, world)
+    eval_records = load_dataset(eval_data, vlm, cfg, None, log, world) if eval_data else []
+    global_batch = cfg.batch_size * cfg.grad_accum * world.size
+    steps_per_epoch = max(1, math.ceil(len(records) / global_batch))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = max(1, round(cfg.warmup_ratio * total))
     opt = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     state = _Progress()
     if start_from is not None:
-        state = _load_state(start_from, opt, sched)
+        state = _load_state(start_from, opt, sched, fsdp)
         log(f"[llavakit] resuming from {start_from} at step {state.step}/{total}")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        # Only now, with the model and the data checked: an earlier run's checkpoint-N would be resumed
-        # from, or kept by _prune over this run's own (higher step numbers win).
-        for old in out.glob("checkpoint-*"):
-            if (old / STATE_FILE).is_file():
-                shutil.rmtree(old)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            # Only now, with the model and the data checked: an earlier run's checkpoint-N would be resumed
+            # from, or kept by _prune over this run's own (higher step numbers win).
+            for old in out.glob("checkpoint-*"):
+                if (old / STATE_FILE).is_file():
+                    shutil.rmtree(old)
+    split = f" ({world.size} processes × {cfg.batch_size} × {cfg.grad_accum})" if world.size > 1 else ""
     log(f"[llavakit] stage {cfg.stage}: {sum(p.numel() for _, p in named):,} trainable parameters "
         f"({len(trainable)} tensors{', + LoRA' if adapters is not None else ''}), {len(records)} records, "
-        f"{total} steps of {micro} conversations")
+        f"{total} steps of {global_batch} conversations{split}")
 
-    model.train()
+    # A bad record found only now (the check before training estimates) leaves its batch smaller; a rank
+    # left with an empty micro-batch runs a good example with weight 0, as its peers wait for it.
+    note = log if world.main else (lambda msg: print(f"[rank {world.rank}] {msg}", file=sys.stderr, flush=True))
+    filler = _filler(vlm.processor, records, cfg) if world.size > 1 else None
+    pad = vlm.processor.pad_token_id
+    objective.train()
     order = _order(len(records), cfg.seed, state.epoch)
     history, started, last_eval = [], time.perf_counter(), None
     done_at_start, start_step = state.samples, state.step
     status = StatusLine() if progress else None
     while state.step < total:
         opt.zero_grad(set_to_none=True)
+        picked, order = _take(state, order, len(records), cfg.seed, global_batch)
+        mine = distributed.share(picked, world)
         batches = []
-        for _ in range(cfg.grad_accum):
-            picked = []
-            while len(picked) < cfg.batch_size:
-                if state.cursor >= len(order):
-                    state.epoch, state.cursor = state.epoch + 1, 0
-                    order = _order(len(records), cfg.seed, state.epoch)
-                rec = records[order[state.cursor]]
-                state.cursor += 1
-                example = _encode(vlm.processor, rec, cfg, log)
-                if example is not None:
-                    picked.append(example)
-            batches.append(collate(picked, vlm.processor.pad_token_id))
-        targets = sum(b.target_tokens for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                s, _ = loss_sum(model, batch)
-            (s / targets).backward()  # the mean over the targets of the whole accumulated step
-            step_loss += s.item() / targets
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+        for m in range(cfg.grad_accum):
+            chosen = mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            examples = [e for i in chosen if (e := _encode(vlm.processor, records[i], cfg, note))]
+            if not examples and filler is None:
+                filler = _filler(vlm.processor, records, cfg)
+            batches.append((collate(examples or [filler], pad), 1.0 if examples else 0.0))
+        local = sum(b.target_tokens for b, weight in batches if weight)
+        # The mean over every target of the global batch: DDP and FSDP average gradients over the ranks,
+        # so each rank's sum is scaled by world / targets.
+        targets = distributed.sum_over_ranks(world, [local], model.device)[0]
+        step_sum = 0.0
+        for k, (batch, weight) in enumerate(batches):
+            with distributed.gradient_sync(objective, k == len(batches) - 1):
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    s, _ = objective(batch)
+                (s * weight * world.size / max(targets, 1)).backward()
+            step_sum += weight * s.item()
+        step_loss = distributed.sum_over_ranks(world, [step_sum], model.device)[0] / max(targets, 1)
+        distributed.clip_grad_norm([p for _, p in named], cfg.max_grad_norm)
         opt.step()
         sched.step()
         state.step += 1
-        state.samples += micro
+        state.samples += global_batch
         history.append(step_loss)
         if status is not None and (status.due() or state.step == total):
             elapsed = time.perf_counter() - started
@@ -348,20 +410,49 @@ def train(model_dir: str | Path, data: Path, out: Path, cfg: TrainConfig, eval_d
             status.update(text, last=state.step == total)
         if cfg.eval_every and eval_records and state.step % cfg.eval_every == 0 and state.step < total:
             # Its own status line, ended with the loss, replaces the training's until the next step.
-            last_eval = evaluate(vlm, eval_records, cfg, progress=progress, label=f"step {state.step}: eval")
+            last_eval = evaluate(vlm, eval_records, cfg, progress=progress, label=f"step {state.step}: eval",
+                                 objective=objective, world=world, filler=filler)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
-            _save(vlm, adapters, out / f"checkpoint-{state.step}", cfg, state, opt, sched, model_dir)
-            _prune(out, cfg.keep_checkpoints)
+            _save(vlm, adapters, out / f"checkpoint-{state.step}", cfg, state, opt, sched, model_dir, world, fsdp)
+            if world.main:
+                _prune(out, cfg.keep_checkpoints)
     if eval_records:
-        last_eval = evaluate(vlm, eval_records, cfg, progress=progress)
+        last_eval = evaluate(vlm, eval_records, cfg, progress=progress, objective=objective, world=world,
+                             filler=filler)
         log(f"[llavakit] eval loss {last_eval:.4f} on {len(eval_records)} records")
-    _save(vlm, adapters, out, cfg, state, opt, sched, model_dir)
+    _save(vlm, adapters, out, cfg, state, opt, sched, model_dir, world, fsdp)
     elapsed = time.perf_counter() - started
     summary = {"steps": state.step, "samples": state.samples, "seconds": round(elapsed, 1),
                "final_loss": history[-1] if history else None, "eval_loss": last_eval,
-               "first_loss": history[0] if history else None}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "first_loss": history[0] if history else None, "world_size": world.size}
+    if world.main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _take(state: _Progress, order: list[int], n_records: int, seed: int, count: int) -> tuple[list[int], list[int]]:
+    """The next `count` indices of the epochs' record orders (a step's global batch), and the current order.
+
+    Advances `state` (cursor, epoch); every rank computes the same, so they agree without talking.
+    """
+    picked = []
+    while len(picked) < count:
+        if state.cursor >= len(order):
+            state.epoch, state.cursor = state.epoch + 1, 0
+            order = _order(n_records, seed, state.epoch)
+        picked.append(order[state.cursor])
+        state.cursor += 1
+    return picked, order
+
+
+def _filler(proc, records: list[Record], cfg: TrainConfig) -> Example:
+    """The first record that encodes (see the training loop: a stand-in whose loss counts for nothing)."""
+    for rec in records:
+        try:
+            return encode_example(proc, rec.messages, cfg.max_length)
+        except LlavakitError:
+            continue
+    raise TrainError("no record of the training data can be encoded; check the data and --max-length.")
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -373,22 +464,69 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def _save(vlm, adapters, folder: Path, cfg: TrainConfig, state: _Progress, opt, sched, base_model) -> None:
+# How a global batch is split may change between a run and its resumption; the global batch may not.
+_SPLIT = ("batch_size", "grad_accum")
+
+
+def _check_resume(start_from: Path, cfg: TrainConfig, world: World) -> None:
+    """Refuse a checkpoint made with other options, or with another global batch (however split)."""
+    saved = json.loads((start_from / "train_config.json").read_text())
+    saved_world = saved.pop("world_size", 1)  # absent from runs of one process made before it was written
+    mine = _jsonable(cfg)
+    others = {k: v for k, v in saved.items() if k not in _SPLIT}
+    if others != {k: v for k, v in mine.items() if k not in _SPLIT}:
+        raise TrainError(f"--resume: {start_from} was made with other options "
+                         f"({_diff(others, {k: v for k, v in mine.items() if k not in _SPLIT})}); "
+                         "resume with the same options.")
+    was = saved["batch_size"] * saved["grad_accum"] * saved_world
+    now = cfg.batch_size * cfg.grad_accum * world.size
+    if was != now:
+        per = cfg.grad_accum * world.size
+        hint = (f"pass --batch-size {was // per}" if was % per == 0 else
+                f"choose --batch-size × --grad-accum × processes = {was}")
+        raise TrainError(f"--resume: {start_from} was made with a global batch of {was} conversations (--batch-size "
+                         f"{saved['batch_size']} × --grad-accum {saved['grad_accum']} × {saved_world} process(es)); "
+                         f"this run's is {now} (--batch-size {cfg.batch_size} × --grad-accum {cfg.grad_accum} × "
+                         f"{world.size} process(es)). A run resumes with the same global batch: {hint}.")
+
+
+def _save(vlm, adapters, folder: Path, cfg: TrainConfig, state: _Progress, opt, sched, base_model,
+          world: World = SINGLE, fsdp: bool = False) -> None:
+    """Write a checkpoint; rank 0 writes, every rank takes part (with fsdp they gather the shards for it)."""
     from . import lora
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if adapters is not None:
-        lora.save_adapter(adapters, vlm.model, folder, base_model)
-    else:
-        vlm.save_pretrained(folder)
-    (folder / "train_config.json").write_text(json.dumps(_jsonable(cfg), indent=2) + "\n")
-    torch.save({"progress": dataclasses.asdict(state), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, folder / STATE_FILE)
+    weights = distributed.full_tensors(world, vlm.model.state_dict()) if fsdp else None
+    optimizer = distributed.full_optimizer_state(world, opt) if fsdp else opt.state_dict()
+    if world.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if adapters is not None:
+            lora.save_adapter(adapters, vlm.model, folder, base_model)
+        elif weights is not None:
+            _whole_model(vlm, weights).save_pretrained(folder)
+        else:
+            vlm.save_pretrained(folder)
+        saved_cfg = {**_jsonable(cfg), "world_size": world.size}
+        (folder / "train_config.json").write_text(json.dumps(saved_cfg, indent=2) + "\n")
+        torch.save({"progress": dataclasses.asdict(state), "optimizer": optimizer, "scheduler": sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, folder / STATE_FILE)
+    distributed.barrier(world)  # nobody reads or prunes a checkpoint half written
 
 
-def _load_state(folder: Path, opt, sched) -> _Progress:
+def _whole_model(vlm, weights: dict[str, torch.Tensor]):
+    """vlm with its model rebuilt unsharded from gathered `weights` (on the CPU), to be saved as usual."""
+    from ..model.llava import LlavaModel
+
+    with torch.device("meta"):
+        model = LlavaModel(vlm.config)
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    return dataclasses.replace(vlm, model=model)
+
+
+def _load_state(folder: Path, opt, sched, fsdp: bool = False) -> _Progress:
     saved = torch.load(folder / STATE_FILE, weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
+    # Saved whole whatever the run: with fsdp each rank keeps its shard of every moment.
+    opt.load_state_dict(distributed.shard_optimizer_state(saved["optimizer"], opt) if fsdp else saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     return _Progress(**saved["progress"])

@@ -20,8 +20,8 @@ PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
 def _text(ids: list[int]) -> Encoded:
-    return Encoded(prompt="", input_ids=ids, pixel_values=None, image_sizes=(), image_tiled=(), video_pixels=None,
-                   video_frames=())
+    return Encoded(prompt="", input_ids=ids, pixel_values=None, image_layouts=(), video_pixels=None,
+                   video_layouts=())
 
 
 def _image(seed, w, h):
@@ -119,7 +119,7 @@ def test_constant_digest_never_reuses_other_tokens(models, monkeypatch):
     engine = _engine(vlm)
     assert _answer(engine, images[0]) == (want["i0"], 0)
     got, hit = _answer(engine, images[1])
-    keys = [core._token_keys(enc.input_ids, core.media_of(vlm.model, enc), vlm.config.image_token_id, None)
+    keys = [core._token_keys(enc.input_ids, core.media_of(enc), vlm.config.image_token_id, None)
             for enc in images]
     same = next(i for i in range(len(keys[1])) if keys[0][i] != keys[1][i]) // BLOCK  # whole blocks in common
     assert got == want["i1"] and hit <= min(same, 1) * BLOCK

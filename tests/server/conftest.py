@@ -27,6 +27,7 @@ SERVERS = {
                         "--max-image-pixels", "4000000", "--remote-media-timeout", "3"]),
     "next_mistral": ("next_mistral", []),
     "onevision": ("onevision", ["--max-video-frames", "8"]),
+    "next_video": ("next_video", []),
 }
 
 

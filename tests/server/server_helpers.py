@@ -30,7 +30,7 @@ def free_port() -> int:
 class Server:
     """One `llavakit serve` process."""
 
-    def __init__(self, model: Path, name: str, flags: list[str], log: Path):
+    def __init__(self, model: Path, name: str, flags: list[str], log: Path, start_timeout: float = START_TIMEOUT_S):
         self.model, self.name, self.log = model, name, log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,7 +38,7 @@ class Server:
                "--port", str(self.port), "--served-model-name", name, "--log-level", "warning", *flags]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -49,7 +49,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.proc.kill()
-        raise RuntimeError(f"server did not start within {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise RuntimeError(f"server did not start within {start_timeout} s:\n{self.log_tail()}")
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
