@@ -6,13 +6,13 @@
     llavakit make-random --out DIR [--preset tiny]                a checkpoint with random weights
     llavakit serve [--model DIR] [--host H] [--port P] [limits]   an OpenAI-compatible HTTP server
     llavakit serve --replicas N [--ray-address ADDR]            the same over N engine replicas on Ray Serve
-    llavakit make-shapes --out DIR --n N [--per-image K] [--seed S]  the synthetic shapes world (train/test JSONL)
+    llavakit make-shapes --out DIR --n N [--world grid|free] [--seed S]  the synthetic shapes world (train/test JSONL)
     llavakit pretrain-tower --vision SPEC --out DIR               a vision tower pretrained on the shapes world
     llavakit init --family F --vision DIR|SPEC --text DIR|SPEC --out DIR   a new checkpoint to train
     llavakit train [--model DIR] --data FILE.jsonl --stage projector|full|lora --out DIR   visual instruction tuning
     torchrun --nproc-per-node N -m llavakit train ... [--fsdp]    the same, data-parallel on N processes
     llavakit merge-lora --model DIR --adapter DIR --out DIR      fold a LoRA adapter into a checkpoint
-    llavakit eval --model DIR --data test.jsonl                  exact-match accuracy per question type
+    llavakit eval --model DIR --data test.jsonl                  accuracy per question type (--score shapes: per tag)
     llavakit batch --input DIR|FILE --output out.jsonl [--resume] [--ray]  answer many requests offline
     llavakit --version
 
@@ -303,15 +303,13 @@ def _replicated(args) -> bool:
                            or args.no_media_affinity):
         raise LlavakitError("--num-cpus-per-replica, --num-gpus-per-replica and --no-media-affinity apply to "
                             "replicas on Ray Serve: add --replicas N (N > 1), --max-replicas N or --ray-address.")
-    if replicated and getattr(args, "tensor_parallel_size", 1) != 1:
-        raise LlavakitError("--tensor-parallel-size and replicas on Ray Serve do not combine: a replica is one "
-                            "process. Give one of them.")
     return replicated
 
 
 def _serve_replicas(args, config) -> int:
     """`serve` with replicas: this process serves the HTTP front; each replica loads the model with the
-    same flags (so it must find --model too: a hub id, or a folder that exists where it runs)."""
+    same flags (so it must find --model too: a hub id, or a folder that exists where it runs). With
+    --tensor-parallel-size N each replica is rank 0 of its own N ranks, which it starts on its node."""
     import functools
 
     try:
@@ -322,12 +320,15 @@ def _serve_replicas(args, config) -> int:
         replicas=args.replicas, ray_address=args.ray_address,
         num_cpus_per_replica=1.0 if args.num_cpus_per_replica is None else args.num_cpus_per_replica,
         num_gpus_per_replica=args.num_gpus_per_replica or 0.0, min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas, media_affinity=not args.no_media_affinity)
+        max_replicas=args.max_replicas, media_affinity=not args.no_media_affinity,
+        tensor_parallel_size=args.tensor_parallel_size)
     # The replicas get the loading flags (not the key: config carries it); a local folder travels as an
     # absolute path, since they may not share this working directory.
     replica_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "api_key")})
     if args.model and Path(args.model).expanduser().exists():
         replica_args.model = str(Path(args.model).expanduser().absolute())
+    if options.tensor_parallel_size > 1 and options.num_gpus_per_replica > 0:
+        replica_args.device = "cuda"  # ranks are placed as they start (rank r on the replica's GPU r), not moved after
     return serve_replicas(functools.partial(_load, replica_args), args.model or SHIPPED_MODEL_NAME, config, options,
                           host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                           kv_cache_bytes=args.kv_cache_bytes, image_cache_bytes=args.image_cache_bytes,
@@ -345,11 +346,26 @@ def cmd_convert(args) -> int:
 
 
 def cmd_make_shapes(args) -> int:
-    """Write the synthetic shapes world (pictures, clips, JSONL conversations) and print its counts."""
-    from .train.shapes import make_shapes
+    """Write a synthetic shapes world (pictures, clips, JSONL conversations) and print its counts:
+    the grid world (96x96 pictures, a 3x3 grid) or the free world (any size, shapes anywhere)."""
+    if args.world == "free":
+        from .train.scenes import ScenesError, make_scenes
 
-    summary = make_shapes(Path(args.out), args.n, seed=args.seed, n_test=args.n_test, n_videos=args.n_videos,
-                          size=args.size, per_image=args.per_image)
+        if args.size is not None:
+            raise ScenesError(f"--size {args.size} sets the grid world's canvas; the free world draws pictures of "
+                              "every size from 64 to 1024 px: leave --size out with --world free.")
+        summary = make_scenes(Path(args.out), args.n, seed=args.seed, n_test=args.n_test, n_videos=args.n_videos,
+                              n_compare=args.n_compare, per_image=args.per_image,
+                              workers=1 if args.workers is None else args.workers)
+    else:
+        from .train.shapes import ShapesError, make_shapes
+
+        if args.workers is not None:
+            raise ShapesError(f"--workers {args.workers} applies to --world free; the grid world is drawn in one "
+                              "process: leave --workers out.")
+        summary = make_shapes(Path(args.out), args.n, seed=args.seed, n_test=args.n_test, n_videos=args.n_videos,
+                              n_compare=args.n_compare, size=96 if args.size is None else args.size,
+                              per_image=args.per_image)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -401,7 +417,7 @@ def cmd_pretrain_tower(args) -> int:
     from .train.tower import pretrain_tower
 
     summary = pretrain_tower(Path(args.out), args.vision, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed)
+                             seed=args.seed, world=args.world)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -470,13 +486,18 @@ def cmd_merge_lora(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Exact-match accuracy per question type on a held-out JSONL file."""
+    """Accuracy per question type (and, scored by shapes, per tag) on a held-out JSONL file."""
     from .train.evaluate import evaluate_file
 
     vlm = _load(args)
     _stop_on_rank_failure(vlm)
-    result = evaluate_file(vlm, Path(args.data), limit=args.limit, max_new_tokens=args.max_new_tokens)
-    print(result.table())
+    result = evaluate_file(vlm, Path(args.data), limit=args.limit, max_new_tokens=args.max_new_tokens,
+                           score=args.score)
+    if args.json:
+        # One JSON document on stdout, wrong answers inside it, so that it parses as a whole.
+        print(json.dumps(result.to_json(wrong=args.show_wrong), indent=1))
+        return 0
+    print(result.category_table() if args.score == "shapes" else result.table())
     if args.show_wrong:
         for w in result.wrong[: args.show_wrong]:
             print(json.dumps(w))
@@ -546,7 +567,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N processes (ranks) that run each step together, each holding "
                         "about 1/N of the weights and KV cache; started here, or torchrun's under torchrun (on a CPU "
-                        "the ranks share --threads)")
+                        "the ranks share --threads); with serve --replicas, each replica starts its own N ranks")
 
     def model_args(sp):
         sp.add_argument("--model", help=f"checkpoint folder, hub id (org/name) or {SHIPPED_MODEL_NAME} (default: "
@@ -677,9 +698,13 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--ray-address", help="run the replicas on this Ray cluster (auto, ray://head:10001, ...); "
                      "default: start a local one, stopped on exit")
     srv.add_argument("--num-cpus-per-replica", "--cpus-per-replica", type=float, metavar="N",
-                     help="Ray's CPU share per replica, also its torch threads unless --threads says (default 1)")
+                     help="Ray's CPU share per replica, also its torch threads unless --threads says (default 1); "
+                     "with --tensor-parallel-size T it is per rank: each replica reserves T x N CPUs, and each "
+                     "rank gets N threads (at least 1)")
     srv.add_argument("--num-gpus-per-replica", "--gpus-per-replica", type=float, metavar="N",
-                     help="GPUs per replica (default 0); above 0 each replica runs the model on cuda")
+                     help="GPUs per replica (default 0); above 0 each replica runs the model on cuda; with "
+                     "--tensor-parallel-size T it is per rank (0 or 1): each replica reserves T GPUs on one node, "
+                     "one per rank, as vLLM on Ray Serve does")
     srv.add_argument("--min-replicas", type=int, metavar="N",
                      help="autoscaling: Ray Serve keeps between --min-replicas (default 1) and --max-replicas")
     srv.add_argument("--max-replicas", type=int, metavar="N", help="autoscaling: the most replicas")
@@ -692,11 +717,19 @@ def _parser() -> argparse.ArgumentParser:
 
     shp = sub.add_parser("make-shapes", help="write the synthetic shapes world used to train and test tiny models")
     shp.add_argument("--out", required=True, help="folder for images/, videos/ and the JSONL files")
-    shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and --per-image questions each)")
-    shp.add_argument("--per-image", type=int, default=2, help="train questions per picture, one per line (default 2)")
-    shp.add_argument("--n-test", type=int, help="test questions, one per line (default max(900, n/10): 100 per type)")
+    shp.add_argument("--world", choices=("grid", "free"), default="grid",
+                     help="grid: 96x96 pictures, one shape per cell of a 3x3 grid (default); free: pictures of "
+                          "64-1024 px a side, aspect up to 4:1, shapes anywhere, multi-turn conversations")
+    shp.add_argument("--n", type=int, required=True, help="train pictures (one caption and --per-image lines each)")
+    shp.add_argument("--per-image", type=int, default=2,
+                     help="train lines per picture (default 2): one question each (grid), a conversation each (free)")
+    shp.add_argument("--n-test", type=int,
+                     help="test lines (default max(100 per type, n/10): 900 for grid, 700 for free)")
     shp.add_argument("--n-videos", type=int, help="train clips (default n/4)")
-    shp.add_argument("--size", type=int, default=96, help="canvas side in pixels (default 96)")
+    shp.add_argument("--n-compare", type=int, help="train picture pairs (default n/4)")
+    shp.add_argument("--size", type=int, help="grid world only: canvas side in pixels (default 96)")
+    shp.add_argument("--workers", type=int,
+                     help="free world only: processes drawing and encoding the media (default 1; same files either way)")
     shp.add_argument("--seed", type=int, default=0)
     shp.set_defaults(func=cmd_make_shapes)
 
@@ -737,6 +770,8 @@ def _parser() -> argparse.ArgumentParser:
     ptw.add_argument("--batch-size", type=int, default=64, help="pictures per step, drawn on the fly")
     ptw.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ptw.add_argument("--seed", type=int, default=0, help="the same seed gives the same weights")
+    ptw.add_argument("--world", choices=["grid", "free"], default="grid",
+                     help="grid: 96-px grid pictures; free: the processor's views of free-world pictures (default grid)")
     ptw.set_defaults(func=cmd_pretrain_tower)
 
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
@@ -810,11 +845,16 @@ def _parser() -> argparse.ArgumentParser:
     mrg.add_argument("--out", required=True)
     mrg.set_defaults(func=cmd_merge_lora)
 
-    evl = sub.add_parser("eval", help="exact-match accuracy per question type on a JSONL file")
+    evl = sub.add_parser("eval", help="accuracy per question type (and per tag) on a JSONL file")
     model_args(evl)
     evl.add_argument("--data", required=True, help="JSONL records; each record's last answer is the reference")
     evl.add_argument("--limit", type=int, help="only the first N records")
     evl.add_argument("--max-new-tokens", type=int, default=48)
+    evl.add_argument("--score", choices=("exact", "shapes"), default="exact",
+                     help="exact: the answer equals the reference (case and a final period aside); shapes: it "
+                     "states the same fact in any wording (the shapes world's scorer, llavakit/train/scoring.py), "
+                     "reported per question type and per tag, with describe's shape recall")
+    evl.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evl.add_argument("--show-wrong", type=int, default=0, help="print up to N wrong answers")
     threads_arg(evl)
     parallel_arg(evl)

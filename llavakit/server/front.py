@@ -70,6 +70,7 @@ class ReplicaReport:
     rss: int  # resident memory of the replica's process, bytes (0 where unknown)
     text: str  # its /metrics body
     age_s: float  # seconds since it reported
+    ranks: tuple = ()  # with tensor-parallel ranks: (rank, pid, resident bytes) of each, rank 0 the replica's own
 
 
 def affinity_key(body: bytes) -> str:
@@ -186,8 +187,9 @@ class _Snapshot:
 
 def merge_reports(reports: list[ReplicaReport]) -> list[Metric]:
     """The replicas' metrics summed sample by sample (counters, histograms and gauges alike: requests
-    running, cache hits, latency buckets), the hit rates recomputed from the sums, and two series of
-    the replicas themselves: how many report, and each one's resident memory.
+    running, cache hits, latency buckets), the hit rates recomputed from the sums, and the series of
+    the replicas themselves: how many report, and each one's resident memory (and each of its tensor-parallel
+    ranks', when it has some).
 
     A replica that stopped reporting (killed, scaled down) keeps its counters and histograms in the
     sums, so they never go down, but its gauges no longer count.
@@ -222,7 +224,13 @@ def merge_reports(reports: list[ReplicaReport]) -> list[Metric]:
                                labels=["replica", "pid", "node"])
     for r in fresh:
         memory.add_metric([r.replica, str(r.pid), r.node], r.rss)
-    return list(families.values()) + [rate, prefix, count, memory]
+    ranks = GaugeMetricFamily("llavakit_replica_rank_resident_memory_bytes",
+                              "Resident memory of each tensor-parallel rank's process of each replica (rank 0 is the "
+                              "replica's own)", labels=["replica", "rank", "pid", "node"])
+    for r in fresh:
+        for rank, pid, rss in r.ranks:
+            ranks.add_metric([r.replica, str(rank), str(pid), r.node], rss)
+    return list(families.values()) + [rate, prefix, count, memory] + ([ranks] if any(r.ranks for r in fresh) else [])
 
 
 class Front:

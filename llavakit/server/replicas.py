@@ -18,6 +18,9 @@ request (consistent hashing with bounded loads, Mirrokni et al. 2018): a popular
 its second replica instead of queueing behind a full one. A request without media goes to the less
 loaded of two random replicas (Ray Serve's default policy).
 
+With --tensor-parallel-size N, each replica is rank 0 of its own N ranks, started by it on its node
+(EngineReplica); Ray reserves N times the per-rank CPUs and GPUs for each replica (ReplicaOptions).
+
 Ray is imported only here, and only `llavakit serve` with replicas imports this module.
 """
 
@@ -38,7 +41,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from ..errors import ConfigError, LlavakitError
+from ..errors import ConfigError, LlavakitError, ParallelError
+from .asgi import error_response
 from .config import ServerConfig
 from .errors import InternalError, Overloaded, TooManyRequests, log
 from .front import Forwarded, Front, ReplicaReport, run_asgi
@@ -52,6 +56,7 @@ _TARGET = "replica:"  # a routing key naming one replica (media keys are hex dig
 _REPLICA_IDS: dict[str, list[str]] = {}
 _TEARDOWN_TIMEOUT_S = 20.0  # joined clusters: for Serve to delete our replicas
 _BACKSTOP_S = 5.0  # as in run.py: after the front's cut, time for the last events to reach the clients
+_RANK_HEALTH_CHECK_S = 2.0  # Serve's health-check period for replicas with tensor-parallel ranks (its default: 10)
 
 try:
     from ray.serve.request_router import RequestRouter
@@ -77,19 +82,29 @@ class ReplicaOptions:
 
     replicas: int = 1  # replicas at start (--replicas); with autoscaling, between min and max
     ray_address: str | None = None  # a cluster to join; None: a local one, started here and stopped on exit
-    num_cpus_per_replica: float = 1.0  # Ray's CPU share per replica (also its torch threads, when not set)
+    # Per rank: a replica of tensor_parallel_size N reserves N times each (see replica_cpus, replica_gpus).
+    num_cpus_per_replica: float = 1.0  # Ray's CPU share (also the torch threads, when --threads is not set)
     num_gpus_per_replica: float = 0.0  # > 0: the replica runs the model on cuda
     min_replicas: int | None = None  # autoscaling bounds; None: a fixed count
     max_replicas: int | None = None
     media_affinity: bool = True  # route requests by their first medium (False: by load alone)
+    tensor_parallel_size: int = 1  # ranks per replica: the replica's process is rank 0 and starts the others
 
     def __post_init__(self):
-        for name in ("replicas", "min_replicas", "max_replicas"):
+        for name in ("replicas", "min_replicas", "max_replicas", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {value!r}.")
         if self.replicas < 1:
             raise ConfigError(f"--replicas must be 1 or more, got {self.replicas}.")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be 1 or more, got {self.tensor_parallel_size}.")
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_replica not in (0, 1):
+            # Rank r runs on the replica's r-th GPU: a fraction cannot hold a rank, and a second GPU per
+            # rank would sit idle.
+            raise ConfigError(f"with --tensor-parallel-size {self.tensor_parallel_size}, --num-gpus-per-replica is "
+                              f"per rank and must be 0 or 1 (each rank runs on one whole GPU), got "
+                              f"{self.num_gpus_per_replica:g}.")
         if self.num_cpus_per_replica <= 0 or self.num_gpus_per_replica < 0:
             raise ConfigError("--num-cpus-per-replica must be > 0 and --num-gpus-per-replica >= 0, got "
                               f"{self.num_cpus_per_replica} and {self.num_gpus_per_replica}.")
@@ -110,6 +125,18 @@ class ReplicaOptions:
     def most(self) -> int:
         """The most replicas that can run at once."""
         return self.max_replicas if self.autoscaling else self.replicas
+
+    @property
+    def replica_cpus(self) -> float:
+        """The CPUs Ray reserves for one replica: its share for each of its tensor-parallel ranks, which run
+        in processes Ray does not know of (as vLLM on Ray Serve reserves one bundle per rank)."""
+        return self.num_cpus_per_replica * self.tensor_parallel_size
+
+    @property
+    def replica_gpus(self) -> float:
+        """The GPUs Ray reserves for one replica: one per rank when on GPUs (all on one node, as one actor's
+        resources are; the replica's CUDA_VISIBLE_DEVICES, inherited by its ranks, lists them)."""
+        return self.num_gpus_per_replica * self.tensor_parallel_size
 
 
 def _import_ray():
@@ -186,50 +213,101 @@ class MediaAffinityRouter(RequestRouter):
 # ───────────────────────────── on the cluster ─────────────────────────────
 
 
-def _rss() -> int:
-    """This process's resident memory in bytes (0 where /proc is missing)."""
+def _rss(pid: int | str = "self") -> int:
+    """A process's resident memory in bytes (0 where /proc is missing or the process is gone)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
 
+# Set by torchrun for the processes it starts. A replica always starts its own ranks: inherited from
+# whatever started Ray, they would make llavakit.load wait to join a torchrun world that is not there.
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _log_rank_failure(reason: str) -> None:
+    log.error("%s; this replica cannot run its model any more: Ray Serve replaces it when its health check fails.",
+              reason)
+
+
 class EngineReplica:
     """One replica: loads the model, starts its engine and the one-process app, and answers forwarded
-    requests with that app. Ray Serve makes it a deployment (see serve_replicas)."""
+    requests with that app. Ray Serve makes it a deployment (see serve_replicas).
+
+    With tensor-parallel ranks, this process is rank 0 of its own group: `load` starts the other ranks
+    as its child processes (subprocesses, so a Ray actor may start them; they meet on a TCPStore at
+    127.0.0.1 on a port the OS picks, so replicas on one node never clash). They end with it: Ray Serve
+    calls __del__ (which stops them) on a graceful stop, and when the actor is killed instead, each
+    rank sees the pipe this process held close and exits. A rank that dies or hangs fails the
+    replica's health check, and Ray Serve replaces the replica, ranks and all.
+    """
 
     def __init__(self, load: Callable, config: ServerConfig, loopback: bool, engine: dict, device: str):
-        """load() -> a VLM (the CLI's loader with the serve flags); engine: EngineConfig's fields."""
+        """load() -> a VLM (the CLI's loader with the serve flags: a tensor-parallel one is placed on
+        `device` as it loads); engine: EngineConfig's fields."""
         import ray
         from ray import serve
 
         from ..engine.async_engine import AsyncEngine, EngineConfig
         from .app import create_app
 
-        vlm = load()
-        if device != "cpu":
+        for name in _TORCHRUN_ENV:
+            os.environ.pop(name, None)
+        # Without --threads, the torch threads are Ray's OMP_NUM_THREADS for this actor: the floor of the CPUs
+        # it reserved, T x per rank, which launch.py divides among the T ranks it starts.
+        self.vlm = vlm = load()
+        if vlm.parallel is not None:
+            vlm.parallel.on_failure = _log_rank_failure  # not the command line's: that one stops the process
+        elif device != "cpu":
             vlm.model.to(device)
+        self.config = config
         self.engine = AsyncEngine(vlm, EngineConfig(**engine))
         self.app = create_app(self.engine, config, loopback)
         self.identity = {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
                          "node": ray.util.get_node_ip_address()}
 
+    def _rank_failure(self) -> str | None:
+        """Why this replica's tensor-parallel group cannot run any more (None while it can, or without one)."""
+        return None if self.vlm.parallel is None else self.vlm.parallel.failed
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: raises ParallelError once a rank has died or hung, so that Serve
+        stops this replica (its ranks with it) and starts another."""
+        reason = self._rank_failure()
+        if reason is not None:
+            raise ParallelError(f"{reason}; this replica cannot run its model any more and is being replaced.")
+
     async def call(self, request: Forwarded) -> AsyncIterator[dict]:
         """The ASGI messages of the app's answer to `request`, as they are sent."""
-        async for message in run_asgi(self.app, request):
+        app = self.app
+        if self._rank_failure() is not None:
+            # Until Serve replaces it, answer at once (503 with Retry-After: the client may retry on a
+            # healthy replica) instead of failing each request inside the engine.
+            app = error_response(Overloaded("a tensor-parallel rank of the replica answering this request "
+                                            "failed; it is being replaced. Retry."), self.config.retry_after_s)
+        async for message in run_asgi(app, request):
             yield message
 
     async def report(self) -> dict:
-        """This replica's id, pid, node, resident memory and /metrics text."""
-        return dict(self.identity, rss=_rss(), text=self.app.state.metrics.render().decode())
+        """This replica's id, pid, node, resident memory and /metrics text, and with tensor-parallel ranks
+        each rank's (rank, pid, resident memory), rank 0 being this process."""
+        ranks = []
+        if self.vlm.parallel is not None:
+            ranks = [(0, os.getpid(), _rss())] + [
+                (rank, p.pid, _rss(p.pid)) for rank, p in enumerate(self.vlm.parallel.workers, start=1)]
+        return dict(self.identity, rss=_rss(), ranks=ranks, text=self.app.state.metrics.render().decode())
 
     async def __del__(self):
         # Ray Serve calls this when the replica stops, after its requests have ended (or timed out),
-        # and also when __init__ failed halfway.
+        # and also when __init__ failed halfway (a group that failed to start has stopped its ranks).
         if hasattr(self, "app"):
             await self.engine.stop(timeout=0.0)
             self.app.state.service.pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "vlm"):
+            # Stops the other ranks (a STOP command; killed after a few seconds): off the event loop.
+            await asyncio.to_thread(self.vlm.close)
 
 
 # ───────────────────────────── in the front ─────────────────────────────
@@ -283,8 +361,8 @@ class RayBackend:
 
         await asyncio.gather(*(ask(r) for r in _REPLICA_IDS.get(self.app, ())))
         now = time.monotonic()
-        return [ReplicaReport(r["replica"], r["pid"], r["node"], r["rss"], r["text"], now - at)
-                for at, r in self.last.values()]
+        return [ReplicaReport(r["replica"], r["pid"], r["node"], r["rss"], r["text"], now - at,
+                              tuple(tuple(x) for x in r.get("ranks", ()))) for at, r in self.last.values()]
 
 
 class _Stop(Exception):
@@ -321,8 +399,8 @@ def serve_replicas(load: Callable, model: str, config: ServerConfig, options: Re
             started = time.monotonic()
             handle = _deploy(ray, serve, app_name, load, model, config, options, is_loopback_host(host), engine,
                              ray_level)
-            say(f"[llavakit] {options.replicas} replica(s) of {model} ready in {time.monotonic() - started:.1f} s",
-                file=sys.stderr)
+            say(f"[llavakit] {options.replicas} replica(s) of {model} ready in {time.monotonic() - started:.1f} s"
+                f"{_reservation(options)}", file=sys.stderr)
             front = Front(RayBackend(handle, app_name), config, is_loopback_host(host), options.media_affinity)
             return _serve_front(front, config, host, port, log_level)
         finally:
@@ -334,12 +412,21 @@ def serve_replicas(load: Callable, model: str, config: ServerConfig, options: Re
         signal.signal(signal.SIGTERM, previous)
 
 
+def _reservation(options: ReplicaOptions) -> str:
+    """', each on N tensor-parallel ranks, reserving C CPUs (and G GPUs)' ("" without ranks)."""
+    if options.tensor_parallel_size == 1:
+        return ""
+    gpus = f" and {options.replica_gpus:g} GPUs" if options.replica_gpus else ""
+    return (f", each on {options.tensor_parallel_size} tensor-parallel ranks, reserving {options.replica_cpus:g} "
+            f"CPUs{gpus}")
+
+
 def _start_ray(ray, options: ReplicaOptions, ray_level: int) -> None:
-    """Join options.ray_address, or start a local cluster with CPUs for the most replicas."""
+    """Join options.ray_address, or start a local cluster with CPUs for the most replicas (and their ranks)."""
     if options.ray_address is None:
         # A throwaway local instance: nothing to report anywhere (set the variable to 1 to opt in).
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        init = dict(address="local", num_cpus=max(1, math.ceil(options.most * options.num_cpus_per_replica)),
+        init = dict(address="local", num_cpus=max(1, math.ceil(options.most * options.replica_cpus)),
                     include_dashboard=False)
     else:
         init = dict(address=options.ray_address)
@@ -366,10 +453,12 @@ def _deploy(ray, serve, app_name: str, load: Callable, model: str, config: Serve
     # A local cluster cannot grow: a shortfall would leave the replicas waiting forever.
     if options.ray_address is None and options.num_gpus_per_replica > 0:
         have = ray.cluster_resources().get("GPU", 0)
-        if have < options.most * options.num_gpus_per_replica:
-            gpus = options.num_gpus_per_replica
-            raise ReplicaStartError(f"{options.most} replica(s) x --num-gpus-per-replica {gpus:g} need more GPUs than "
-                                    f"this machine has ({have:g}); lower either, or join a cluster (--ray-address).")
+        if have < options.most * options.replica_gpus:
+            gpus = f"--num-gpus-per-replica {options.num_gpus_per_replica:g}"
+            if options.tensor_parallel_size > 1:
+                gpus += f" x --tensor-parallel-size {options.tensor_parallel_size}"
+            raise ReplicaStartError(f"{options.most} replica(s) x {gpus} need more GPUs than this machine has "
+                                    f"({have:g}); lower either, or join a cluster (--ray-address).")
     logs = {"log_level": logging.getLevelName(ray_level), "enable_access_log": False}
     serve.start(proxy_location="Disabled", logging_config=logs)  # the HTTP side is the front, here
     if options.autoscaling:
@@ -385,14 +474,18 @@ def _deploy(ray, serve, app_name: str, load: Callable, model: str, config: Serve
         # Each replica admits what one process admits (its own 429 past that, for n > 1); the front
         # queues as many again for a free replica, then answers 429 itself.
         max_ongoing_requests=config.max_concurrent_requests, max_queued_requests=config.max_concurrent_requests,
-        ray_actor_options={"num_cpus": options.num_cpus_per_replica, "num_gpus": options.num_gpus_per_replica},
+        # The ranks are this actor's child processes, unknown to Ray: the actor reserves for all of them.
+        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
         request_router_config=RequestRouterConfig(
             request_router_class=MediaAffinityRouter,
             request_router_kwargs={"app": app_name}),
         # a replica that autoscaling stops lets its requests finish, as SIGTERM does
         graceful_shutdown_timeout_s=config.shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
         # a model that does not load will not load on a second try: fail in seconds, not minutes
-        max_constructor_retry_count=options.most, logging_config=logs)
+        max_constructor_retry_count=options.most, logging_config=logs,
+        # Ranks can fail while the replica's process lives on: check it often (a cheap attribute read), so
+        # a broken replica is replaced in seconds (Serve stops one after 3 failed checks in a row).
+        **({"health_check_period_s": _RANK_HEALTH_CHECK_S} if options.tensor_parallel_size > 1 else {}))
     device = "cuda" if options.num_gpus_per_replica > 0 else "cpu"
     try:
         handle = serve.run(deployment.bind(load, config, loopback, engine, device), name=app_name,

@@ -47,6 +47,8 @@ class Record:
     id: str
     type: str | None
     messages: list[dict]
+    # The line's "tags" (strings; anything else there is ignored): conditions an evaluation groups by.
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ def read_records(path: Path, image_folder: Path | None = None) -> Iterator[Recor
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise DataError("expected a JSON object")
-                yield Record(path, n, str(obj.get("id", f"line-{n}")), obj.get("type"), to_messages(obj, base))
+                tags = obj.get("tags")
+                tags = tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else ()
+                yield Record(path, n, str(obj.get("id", f"line-{n}")), obj.get("type"), to_messages(obj, base), tags)
             except (json.JSONDecodeError, DataError, LlavakitError, TypeError, ValueError) as e:
                 yield DataError(f"{path.name} line {n}: {_reason(e)}")
 

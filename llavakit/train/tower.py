@@ -18,6 +18,7 @@ load. Stage 2 then keeps it frozen, as LLaVA does.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -27,15 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from .. import anyres
 from ..config import VisionConfig
 from ..errors import ConfigError
 from ..families import TOWERS
 from ..model.vision import VisionTower
 from ..progress import StatusLine, clock
 from ..weights import write_tensors
+from . import scenes
 from . import shapes as S
-from .assemble import _VISION, VISION_SIZE_KEYS, _init_random, parse_spec
+from .assemble import _VISION, VISION_SIZE_KEYS, _init_random, _pinpoints, parse_spec
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
 _ARCH = {k: t.architecture for k, t in TOWERS.items()}
@@ -72,6 +76,105 @@ def sample_batch(rng: random.Random, n: int, cfg: VisionConfig, clip_share: floa
     return torch.stack(pixels), torch.tensor(labels)
 
 
+# ---- the free world: any picture, seen as the processor shows it to the tower ---------------------
+
+VIEWS = {"base": 0.3, "tile": 0.45, "square": 0.15, "frame": 0.1}  # how often each view is drawn
+JPEG_SHARE, JPEG_QUALITY = 0.25, (50, 95)
+MIN_VISIBLE = 3  # px: a shape narrower than this in a view is a smudge, labelled nowhere
+
+
+def _jpeg(image: Image.Image, rng: random.Random) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=rng.randint(*JPEG_QUALITY))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _scaled(boxes, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0):
+    return [(c, k, (x0 * sx + dx, y0 * sy + dy, x1 * sx + dx, y1 * sy + dy)) for c, k, (x0, y0, x1, y1) in boxes]
+
+
+def free_view(rng: random.Random, side: int, pinpoints) -> tuple[np.ndarray, list]:
+    """One tower input drawn from the free world, as the processor would cut it: (side, side, 3)
+    uint8 pixels and [(colour, kind, (x0, y0, x1, y1))] of the shapes in view coordinates.
+
+    A picture's base view (squashed to the tile), one of its any-resolution tiles (preferring tiles
+    that show a shape), the padded square a picture among several becomes, or a clip's frame.
+    """
+    view = rng.choices(list(VIEWS), weights=list(VIEWS.values()))[0]
+    if view == "frame":
+        scene, boxes = scenes.sample_clip(rng, rng.choice(S.DIRECTIONS))
+        t = rng.randrange(len(boxes))
+        image = Image.fromarray(scenes.render_clip(scene, [boxes[t]])[0])
+        shapes = [(scene.shapes[0].color, scene.shapes[0].kind, boxes[t])]
+    else:
+        image, scene = scenes.sample_picture(rng)
+        shapes = [(s.color, s.kind, s.box) for s in scene.shapes]
+        if rng.random() < JPEG_SHARE:
+            image = _jpeg(image, rng)
+    w, h = image.size
+    hwc = np.asarray(image)
+    if view in ("base", "frame"):
+        out = _resize(hwc, (side, side))
+        return out, _scaled(shapes, side / w, side / h)
+    if view == "square":
+        big = max(w, h)
+        canvas = np.empty((big, big, 3), np.uint8)
+        canvas[...] = 127  # SigLIP's mean colour (0.5), as the processor pads
+        top, left = (big - h) // 2, (big - w) // 2
+        canvas[top:top + h, left:left + w] = hwc
+        return _resize(canvas, (side, side)), _scaled(shapes, side / big, side / big, left * side / big, top * side / big)
+    best = anyres.select_best_resolution((h, w), pinpoints)
+    inner = anyres.resize_within((h, w), best)
+    top, _, left, _ = anyres.centre_padding(inner, best)
+    canvas = np.zeros((*best, 3), np.uint8)
+    canvas[top:top + inner[0], left:left + inner[1]] = _resize(hwc, inner)
+    moved = _scaled(shapes, inner[1] / w, inner[0] / h, left, top)
+    tiles = [(i, j) for i in range(0, best[0], side) for j in range(0, best[1], side)]
+    showing = [(i, j) for i, j in tiles if any(x0 < j + side and x1 > j and y0 < i + side and y1 > i
+                                               for _, _, (x0, y0, x1, y1) in moved)]
+    i, j = rng.choice(showing if showing and rng.random() < 0.8 else tiles)
+    return canvas[i:i + side, j:j + side], _scaled(moved, 1, 1, -j, -i)
+
+
+def _resize(hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    return np.asarray(Image.fromarray(hwc).resize((w, h), Image.BICUBIC, reducing_gap=None))
+
+
+def patch_labels(shapes, side: int, patch: int) -> np.ndarray:
+    """(P*P,) int64, row-major patches: 1 + CLASSES index of the shape covering most of the patch,
+    among those covering a fifth of it or holding half of their visible part (a small shape inside
+    it); 0 where no shape does."""
+    n = side // patch
+    best = np.zeros(n * n)
+    out = np.zeros(n * n, np.int64)
+    for color, kind, (x0, y0, x1, y1) in shapes:
+        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(side)), min(y1, float(side))
+        if x1 - x0 < MIN_VISIBLE or y1 - y0 < MIN_VISIBLE:
+            continue
+        visible = (x1 - x0) * (y1 - y0)
+        for r in range(int(y0 // patch), min(n, int(math.ceil(y1 / patch)))):
+            for c in range(int(x0 // patch), min(n, int(math.ceil(x1 / patch)))):
+                inter = max(0.0, min(x1, (c + 1) * patch) - max(x0, c * patch)) * \
+                    max(0.0, min(y1, (r + 1) * patch) - max(y0, r * patch))
+                if (inter >= 0.2 * patch * patch or inter >= 0.5 * visible) and inter > best[r * n + c]:
+                    best[r * n + c] = inter
+                    out[r * n + c] = 1 + CLASSES.index((color, kind))
+    return out
+
+
+def sample_free_batch(rng: random.Random, n: int, cfg: VisionConfig, pinpoints):
+    """`n` normalised free-world views (n, 3, S, S) and their patch labels (n, P*P) (see `patch_labels`)."""
+    mean, std = (torch.tensor(v)[:, None, None] for v in _STATS[cfg.model_type])
+    views, labels = [], []
+    for _ in range(n):
+        hwc, shapes = free_view(rng, cfg.image_size, pinpoints)
+        views.append(hwc)
+        labels.append(patch_labels(shapes, cfg.image_size, cfg.patch_size))
+    pixels = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255)
+    return (pixels - mean) / std, torch.from_numpy(np.stack(labels))
+
+
 def _features(tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
     """The last layer's patch tokens (CLIP's class token dropped)."""
     feats = tower(pixels, (-1,))
@@ -90,7 +193,7 @@ def _accuracy(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
             .float().mean().item()}
 
 
-def _check_spec(vision: str) -> dict:
+def _check_spec(vision: str, world: str = "grid") -> dict:
     """The spec's config dict, or a ConfigError saying what to change."""
     if Path(vision).is_dir():
         raise ConfigError(f"pretrain-tower starts from a size spec such as siglip:image_size=96,patch_size=32,..., "
@@ -102,7 +205,9 @@ def _check_spec(vision: str) -> dict:
     size, patch = cfg["image_size"], cfg["patch_size"]
     if size < 48:
         raise ConfigError(f"image_size must be at least 48 for the shapes world, got {size}.")
-    if size % patch or patch > size // S.GRID:
+    if world == "free" and size % patch:
+        raise ConfigError(f"patch_size {patch} must divide image_size {size}.")
+    if world == "grid" and (size % patch or patch > size // S.GRID):
         raise ConfigError(f"patch_size {patch} must divide image_size {size} and be at most {size // S.GRID}, "
                           f"so that no patch spans two cells of the {S.GRID}x{S.GRID} grid.")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
@@ -112,14 +217,19 @@ def _check_spec(vision: str) -> dict:
 
 
 def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
-                   seed: int = 0, progress: bool = True) -> dict:
+                   seed: int = 0, progress: bool = True, world: str = "grid") -> dict:
     """Train a tower of spec `vision` ("siglip:image_size=96,patch_size=32,...") on the shapes
     world's token labels for `steps` AdamW steps and write it under `out`; returns the summary
     (also written as train_summary.json): losses and held-out token accuracies.
 
+    world "grid": 96-px grid pictures, one class per patch (the shape whose centre it holds).
+    world "free": the views the processor makes of free-world pictures (`free_view`), each patch
+    labelled with the shape covering most of it (`patch_labels`).
     The same arguments give the same weights (pictures come from a generator seeded by `seed`).
     """
-    cfg_dict = _check_spec(vision)
+    if world not in ("grid", "free"):
+        raise ConfigError(f"world must be grid or free, got {world!r}.")
+    cfg_dict = _check_spec(vision, world)
     cfg = VisionConfig.from_hf(cfg_dict)
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
@@ -127,6 +237,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     tower = VisionTower(cfg)
     _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
     tokens = cfg.patches_per_side ** 2
+    free = world == "free"
     what = torch.nn.Linear(cfg.hidden_size, 1 + len(CLASSES))
     where = torch.nn.Linear(cfg.hidden_size, tokens)
     params = [*tower.parameters(), *what.parameters(), *where.parameters()]
@@ -135,15 +246,16 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / steps))))
     rng = random.Random(f"tower/{seed}/train")
-    test = sample_batch(random.Random(f"tower/{seed}/test"), 256, cfg)
+    pins = _pinpoints("llava_onevision", cfg.image_size)
+    draw = (lambda r, n: sample_free_batch(r, n, cfg, pins)) if free else (lambda r, n: sample_batch(r, n, cfg))
+    test = draw(random.Random(f"tower/{seed}/test"), 256)
     place = torch.arange(tokens)
     status = StatusLine() if progress else None
     start, first, loss = time.monotonic(), None, None
     for step in range(1, steps + 1):
-        pixels, labels = sample_batch(rng, batch_size, cfg)
+        pixels, labels = draw(rng, batch_size)
         feats = _features(tower, pixels)
-        loss = (F.cross_entropy(what(feats).flatten(0, 1), labels.flatten())
-                + F.cross_entropy(where(feats).flatten(0, 1), place.repeat(len(pixels))))
+        loss = F.cross_entropy(what(feats).flatten(0, 1), labels.flatten()) + F.cross_entropy(where(feats).flatten(0, 1), place.repeat(len(pixels)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -156,7 +268,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
                         f"{clock(elapsed / step * (steps - step))}", force=step == steps)
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                "seconds": round(time.monotonic() - start, 1), "first_loss": first, "final_loss": loss.item(),
-               **_accuracy(tower, what, test)}
+               "world": world, **_accuracy(tower, what, test)}
     save_tower(tower, Path(out), cfg_dict)
     (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

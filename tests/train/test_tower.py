@@ -146,3 +146,45 @@ def test_cli_pretrain_tower(tmp_path, capsys):
                  "--batch-size", "4"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and (tmp_path / "t" / "model.safetensors").is_file()
+
+
+# ---- the free world -------------------------------------------------------------------------------
+
+def test_free_patch_labels_take_the_shape_covering_most_of_each_patch():
+    from llavakit.train.tower import patch_labels
+
+    red, blue = 1 + CLASSES.index(("red", "circle")), 1 + CLASSES.index(("blue", "square"))
+    shapes = [("red", "circle", (0.0, 0.0, 36.0, 36.0)),  # all of patch 0, an eighth of patches 1 and 3
+              ("blue", "square", (36.0, 36.0, 64.0, 64.0)),  # 77% of patch 4, where the red covers 1.6%
+              ("red", "circle", (70.0, 70.0, 72.0, 72.0))]  # 2 px: a smudge, labelled nowhere
+    labels = patch_labels(shapes, side=96, patch=32)
+    assert labels.tolist() == [red, 0, 0, 0, blue, 0, 0, 0, 0]
+    small = [("blue", "square", (40.0, 40.0, 50.0, 50.0))]  # a tenth of the patch, but all of the shape
+    assert patch_labels(small, side=96, patch=32).tolist() == [0, 0, 0, 0, blue, 0, 0, 0, 0]
+
+
+def test_free_views_follow_the_processor_and_hold_their_shapes():
+    from llavakit.train.assemble import _pinpoints
+    from llavakit.train.tower import free_view
+
+    rng = random.Random(5)
+    seen = 0
+    for _ in range(40):
+        hwc, shapes = free_view(rng, 64, _pinpoints("llava_onevision", 64))
+        assert hwc.shape == (64, 64, 3) and hwc.dtype.name == "uint8"
+        for color, kind, (x0, y0, x1, y1) in shapes:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            if 2 <= cx < 62 and 2 <= cy < 62 and x1 - x0 >= 8 and kind == "square":
+                pixel = hwc[int(cy), int(cx)].astype(int)  # a square's centre shows its colour
+                assert max(abs(pixel - S.COLORS[color])) <= 60, (color, pixel)
+                seen += 1
+    assert seen >= 3
+
+
+def test_free_world_pretraining_writes_a_tower(tmp_path):
+    spec = "siglip:image_size=64,patch_size=16,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
+    summary = pretrain_tower(tmp_path / "f", spec, steps=3, batch_size=4, progress=False, world="free")
+    assert summary["world"] == "free" and summary["steps"] == 3
+    assert (tmp_path / "f" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="world must be grid or free"):
+        pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="round")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Train llava-shapes on the free shapes world (pictures of any size, shapes anywhere; see
+# docs/shapes-world.md): the world, a SigLIP tower pretrained on the views the processor makes of
+# it, a tiny LLaVA-OneVision assembled from that tower and a Qwen2 size spec, stage 1 (projector on
+# descriptions), stage 2 (projector and language model, the tower frozen), and both test sets.
+#
+#   scripts/train_free_shapes_model.sh [WORK_DIR]      (default: ./shapes-free-run; the model ends in WORK_DIR/model)
+#
+# Resumable: a finished step leaves WORK_DIR/.done-<step> and is skipped when the script runs again;
+# stage 2 saves a checkpoint every SAVE_EVERY steps and goes on from the newest one. Each step's
+# seconds go to WORK_DIR/times.txt. N (train pictures), VIDEOS (train clips), TOWER_STEPS, STEPS
+# (stage 2 steps), LR (stage 2's peak learning rate), TEST (questions per test set) and SEED change
+# the run, smaller for a try-out.
+set -euo pipefail
+WORK=${1:-shapes-free-run}
+LLAVAKIT=${LLAVAKIT:-llavakit}
+PYTHON=${PYTHON:-python}
+SEED=${SEED:-0}
+N=${N:-60000}
+VIDEOS=${VIDEOS:-8000}
+TEST=${TEST:-700}
+SAVE_EVERY=${SAVE_EVERY:-250}
+TOWER=${TOWER:-siglip:image_size=128,patch_size=32,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512}
+TEXT=${TEXT:-qwen2:hidden_size=256,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,intermediate_size=512,max_position_embeddings=2048}
+mkdir -p "$WORK"
+
+step() {  # step NAME COMMAND...: run once, time it, mark it done
+    local name=$1; shift
+    if [ -e "$WORK/.done-$name" ]; then echo "[$name] done before, skipped"; return; fi
+    local start=$SECONDS
+    "$@"
+    echo "$name $((SECONDS - start)) s" >> "$WORK/times.txt"
+    touch "$WORK/.done-$name"
+}
+
+step data sh -c "$LLAVAKIT make-shapes --world free --out '$WORK/data' --n $N --per-image 2 --n-videos $VIDEOS \
+    --n-test $TEST --seed $SEED --workers 2 > '$WORK/data.json'"
+step tower sh -c "$LLAVAKIT pretrain-tower --world free --out '$WORK/tower' --steps ${TOWER_STEPS:-1500} --batch-size 64 \
+    --lr 2e-3 --seed $SEED --vision '$TOWER' > '$WORK/tower.json'"
+step init sh -c "$LLAVAKIT init --family llava_onevision --out '$WORK/init' --seed $SEED --vision '$WORK/tower' \
+    --text '$TEXT' --tokenizer-corpus '$WORK/data/train.jsonl' --tokenizer-corpus '$WORK/data/captions.jsonl' > /dev/null"
+# Stage 1: only the projector (and the image newline) learn, on one description per picture.
+step stage1 $LLAVAKIT train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out "$WORK/stage1" --overwrite \
+    --stage projector --max-steps ${STAGE1_STEPS:-200} --batch-size 32 --lr 2e-3 --warmup-ratio 0.05 --seed "$SEED"
+# Stage 2: projector and language model on conversations, picture pairs and clips; the tower stays frozen.
+resume=--overwrite
+if compgen -G "$WORK/model/checkpoint-*" > /dev/null; then resume=--resume; fi
+step stage2 $LLAVAKIT train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" $resume \
+    --stage full --max-steps ${STEPS:-4000} --batch-size 32 --lr ${LR:-5e-4} --warmup-ratio 0.03 --bf16 --compile \
+    --save-every "$SAVE_EVERY" --seed "$SEED"
+step eval $PYTHON scripts/eval_shapes.py --model "$WORK/model" --out "$WORK/eval" --n "$TEST" --seed 1
+cat "$WORK/times.txt"
