@@ -16,10 +16,26 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:
-    from .scenes import Scene, Shape
+
+class Shape(Protocol):
+    """What a question needs of a shape (scenes.Shape has it): no import of the drawing code."""
+
+    color: str
+    kind: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def center(self) -> tuple[float, float]: ...
+
+
+class Scene(Protocol):
+    """What a question needs of a picture (scenes.Scene has it)."""
+
+    width: int
+    height: int
+    shapes: Sequence[Shape]
 
 QUESTION_TYPES = ("describe", "count", "colour", "position", "where", "compare", "motion")
 PICTURE_TYPES = QUESTION_TYPES[:5]  # the types one picture answers, alone or in a conversation

@@ -65,7 +65,7 @@ from ..errors import LlavakitError
 from .scene_questions import WORDINGS  # noqa: F401  (re-exported: the wordings are part of the world)
 from .scene_questions import (PICTURE_TYPES, QUESTION_TYPES, TRAIN_WEIGHTS, Ask, Balance, asks_for, compare_answer,
                               motion_answer, plan_turns, question)
-from .shapes import COLORS, DIRECTIONS, FRAMES, KINDS, write_video
+from .shapes import COLORS, DIRECTIONS, FRAMES, KINDS, _conversation, _dump, write_video
 
 SIDE = (64, 1024)  # picture sides in px, inclusive
 MAX_ASPECT = 4.0  # long side / short side
@@ -359,15 +359,6 @@ def render_clip(scene: Scene, boxes: list[tuple[int, int, int, int]]) -> list[np
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _conversation(marker: str, turns: list[tuple[str, str]]) -> list[dict]:
-    """LLaVA's conversation list; the media markers open the first human turn only."""
-    out = []
-    for i, (text, answer) in enumerate(turns):
-        out.append({"from": "human", "value": (marker if i == 0 else "") + text})
-        out.append({"from": "gpt", "value": answer})
-    return out
-
-
 def size_tags(width: int, height: int) -> list[str]:
     """size:small (short side < 128), size:large (long side >= 512) or size:medium; aspect:wide from 2:1."""
     short, long = sorted((width, height))
@@ -473,10 +464,6 @@ def _motion_line(id_: str, video: str, scene: Scene, boxes, direction: str, rng,
     tags = size_tags(scene.width, scene.height) + (["paraphrase"] if held_out else [])
     return _line(id_, "motion", tags, "video", video, "<video>\n", [(text, motion_answer(name, direction))],
                  {**scene.to_json(), "boxes": [list(b) for b in boxes]})
-
-
-def _dump(handle, line: dict) -> None:
-    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def _turns(rng: random.Random) -> int:

@@ -178,3 +178,17 @@ def local_message(text: str, *images: bytes) -> list[dict]:
     """The same conversation in llavakit's format, for vlm.chat and the processor."""
     parts = [{"type": "image", "image": im} for im in images]
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def start_replicated(model, name: str, flags: list[str], log: Path, start_timeout: float) -> Server:
+    """`llavakit serve --replicas ...` on its own local Ray cluster; skips the test where Ray cannot start."""
+    import pytest
+
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'llavakit[ray]')")
+    try:
+        return Server(model, name, flags, log, start_timeout=start_timeout)
+    except RuntimeError:
+        text = log.read_text(errors="replace")
+        if "Ray could not start" in text:
+            pytest.skip(f"Ray could not start on this machine: {text[-600:]}")
+        raise

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server_helpers import Server, image_message, local_message, png_bytes, wait_for_metrics
+from server_helpers import Server, image_message, start_replicated, local_message, png_bytes, wait_for_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NAME = "llava-shapes"
@@ -32,15 +32,8 @@ REPLACE_TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory):
     """A `llavakit serve --replicas 2` of the shipped model on its own local Ray cluster."""
-    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'llavakit[ray]')")
     log = tmp_path_factory.mktemp("replicas") / "server.log"
-    try:
-        s = Server(NAME, NAME, ["--replicas", "2", "--shutdown-timeout", "2"], log, start_timeout=START_TIMEOUT_S)
-    except RuntimeError:
-        text = log.read_text(errors="replace")
-        if "Ray could not start" in text:
-            pytest.skip(f"Ray could not start on this machine: {text[-600:]}")
-        raise
+    s = start_replicated(NAME, NAME, ["--replicas", "2", "--shutdown-timeout", "2"], log, START_TIMEOUT_S)
     yield s
     if s.proc.poll() is None:
         s.stop()

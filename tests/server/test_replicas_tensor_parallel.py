@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from server_helpers import Server, image_message, local_message, png_bytes
+from server_helpers import Server, image_message, start_replicated, local_message, png_bytes
 
 START_TIMEOUT_S = 300  # Ray, two replicas and their two ranks each, on a busy 2-core machine
 REPLACE_TIMEOUT_S = 180
@@ -127,16 +127,9 @@ def test_metrics_list_each_replicas_ranks():
 @pytest.fixture(scope="module")
 def tp_replicas(checkpoint, tmp_path_factory):
     """`llavakit serve --replicas 2 --tensor-parallel-size 2` of the tiny random Llama checkpoint."""
-    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'llavakit[ray]')")
     log = tmp_path_factory.mktemp("replicas_tp") / "server.log"
-    try:
-        s = Server(checkpoint("llama"), NAME, ["--replicas", "2", "--tensor-parallel-size", "2",
-                                               "--shutdown-timeout", "2"], log, start_timeout=START_TIMEOUT_S)
-    except RuntimeError:
-        text = log.read_text(errors="replace")
-        if "Ray could not start" in text:
-            pytest.skip(f"Ray could not start on this machine: {text[-600:]}")
-        raise
+    s = start_replicated(checkpoint("llama"), NAME, ["--replicas", "2", "--tensor-parallel-size", "2",
+                                                     "--shutdown-timeout", "2"], log, START_TIMEOUT_S)
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
