@@ -193,6 +193,7 @@ def _pieces(words, ctrl_c=None, closed=None):
 
 
 def test_stream_answer_stops_at_ctrl_c_between_tokens():
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN when started in the background
     out, closed = io.StringIO(), []
     assert stream_answer(_pieces(["a", " b", " c"]), out) == ("a b c", "finished")
     assert out.getvalue() == "a b c\n"
@@ -210,7 +211,7 @@ def test_stream_answer_stops_at_ctrl_c_between_tokens():
     with pytest.raises(PromptError):
         stream_answer(_pieces(["a", PromptError("bad")]), out)
     assert out.getvalue() == "a\n"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 class FakeVLM:
@@ -289,8 +290,11 @@ def spawn():
 
     def start(state: Path, *args: str):
         env = {**os.environ, "XDG_STATE_HOME": str(state), "TERM": "xterm", "HF_HUB_OFFLINE": "1"}
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps that:
+        # the session gets Ctrl-C as a user's terminal delivers it, whatever started the tests.
         child = pexpect.spawn(sys.executable, ["-m", "llavakit", "chat", "--image", "examples/picture.png", *args],
-                              cwd=ROOT, env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200))
+                              cwd=ROOT, env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         children.append(child)
         child.expect_exact("/help lists the commands")
         child.expect_exact(">>> ")
