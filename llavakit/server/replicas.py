@@ -47,6 +47,7 @@ from .config import ServerConfig
 from .errors import InternalError, Overloaded, TooManyRequests, log
 from .front import Forwarded, Front, ReplicaReport, run_asgi
 from .guard import is_loopback_host
+from .run import run_uvicorn
 
 RAY_HINT = "pip install 'llavakit[ray]'"
 _REPORT_TIMEOUT_S = 3.0  # a replica too busy to report this fast keeps its last report
@@ -55,7 +56,6 @@ _TARGET = "replica:"  # a routing key naming one replica (media keys are hex dig
 # front's deployment handle, in this process; this is how the front learns whom to ask for metrics.
 _REPLICA_IDS: dict[str, list[str]] = {}
 _TEARDOWN_TIMEOUT_S = 20.0  # joined clusters: for Serve to delete our replicas
-_BACKSTOP_S = 5.0  # as in run.py: after the front's cut, time for the last events to reach the clients
 _RANK_HEALTH_CHECK_S = 2.0  # Serve's health-check period for replicas with tensor-parallel ranks (its default: 10)
 
 try:
@@ -402,7 +402,7 @@ def serve_replicas(load: Callable, model: str, config: ServerConfig, options: Re
             say(f"[llavakit] {options.replicas} replica(s) of {model} ready in {time.monotonic() - started:.1f} s"
                 f"{_reservation(options)}", file=sys.stderr)
             front = Front(RayBackend(handle, app_name), config, is_loopback_host(host), options.media_affinity)
-            return _serve_front(front, config, host, port, log_level)
+            return run_uvicorn(front, front.drain, config, host, port, log_level, lifespan="off")
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
             _teardown(ray, serve, app_name, options.ray_address is None)
@@ -505,34 +505,6 @@ def _failure(serve, app_name: str) -> str:
         return ""
     raised = re.findall(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.+)$", message, re.MULTILINE)
     return f"{raised[-1][0]}: {raised[-1][1]}" if raised else message[-1000:]
-
-
-def _serve_front(front: Front, config: ServerConfig, host: str, port: int, log_level: str) -> int:
-    """Run the front with uvicorn until SIGTERM or SIGINT, as run.py runs the one-process app."""
-    import uvicorn
-
-    from .connections import guarded_protocol
-
-    class _Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            # Start the drain with uvicorn's: it cuts what is still running at the deadline.
-            drain = asyncio.ensure_future(front.drain())
-            try:
-                await super().shutdown(sockets)
-            finally:
-                await asyncio.gather(drain, return_exceptions=True)
-
-    uv_config = uvicorn.Config(front, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                               timeout_graceful_shutdown=config.shutdown_timeout_s + _BACKSTOP_S, lifespan="off",
-                               http=guarded_protocol(config.max_connections, config.header_timeout_s),
-                               timeout_keep_alive=config.keep_alive_timeout_s)
-    server = _Server(uv_config)
-    logging.getLogger("llavakit.server").setLevel(log_level.upper())
-    # As in run.py: uvicorn re-raises the signal it caught with the handler it found; a no-op one
-    # makes a graceful SIGTERM stop end in exit status 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
-    return 0 if server.started else 1
 
 
 def _teardown(ray, serve, app_name: str, started_cluster: bool) -> None:

@@ -26,28 +26,37 @@ _BACKSTOP_S = 5.0  # after the engine's cut, time for the last events to reach t
 def serve(vlm, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           kv_cache_bytes: int | None = None, image_cache_bytes: int = 256 << 20, log_level: str = "info") -> int:
     """Serve `vlm` until SIGTERM or SIGINT; returns the process exit status (0 after a graceful stop)."""
-    import uvicorn
-
     from ..engine.async_engine import AsyncEngine, EngineConfig
     from .app import create_app
-    from .connections import guarded_protocol
-
-    class _Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            # Start the drain with uvicorn's: it cuts what is still running at the deadline.
-            drain = asyncio.ensure_future(app.state.drain())
-            try:
-                await super().shutdown(sockets)
-            finally:
-                await asyncio.gather(drain, return_exceptions=True)
 
     # The engine's queue holds whatever the server admits, so the server's 429 speaks first and
     # the engine's own refusal (a 503) is left for shutdown.
     engine = AsyncEngine(vlm, EngineConfig(max_batch_size=max_batch_size, max_queue=config.max_concurrent_requests,
                                            kv_cache_bytes=kv_cache_bytes, image_cache_bytes=image_cache_bytes))
     app = create_app(engine, config, loopback=is_loopback_host(host))
+    return run_uvicorn(app, lambda: app.state.drain(), config, host, port, log_level, lifespan="on")
+
+
+def run_uvicorn(app, drain, config: ServerConfig, host: str, port: int, log_level: str, lifespan: str) -> int:
+    """Serve the ASGI `app` with uvicorn until SIGTERM or SIGINT; returns the exit status (0 after a
+    graceful stop). `drain()` (a coroutine) runs beside uvicorn's own shutdown and cuts what is still
+    running at the deadline; uvicorn's deadline comes _BACKSTOP_S later. The one-process server and
+    the replicas' front both run this way."""
+    import uvicorn
+
+    from .connections import guarded_protocol
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Start the drain with uvicorn's: it cuts what is still running at the deadline.
+            pending = asyncio.ensure_future(drain())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await asyncio.gather(pending, return_exceptions=True)
+
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                               timeout_graceful_shutdown=config.shutdown_timeout_s + _BACKSTOP_S, lifespan="on",
+                               timeout_graceful_shutdown=config.shutdown_timeout_s + _BACKSTOP_S, lifespan=lifespan,
                                http=guarded_protocol(config.max_connections, config.header_timeout_s),
                                timeout_keep_alive=config.keep_alive_timeout_s)
     server = _Server(uv_config)
