@@ -192,3 +192,29 @@ def start_replicated(model, name: str, flags: list[str], log: Path, start_timeou
         if "Ray could not start" in text:
             pytest.skip(f"Ray could not start on this machine: {text[-600:]}")
         raise
+
+
+def stream_raw(port: int, body: bytes, started, started_on: bytes, timeout: float) -> bytes:
+    """POST `body` (JSON) to /v1/chat/completions on a plain socket and return the raw response, read
+    until the body's last chunk or the connection's end; `started` (a threading.Event) is set once the
+    bytes so far match the regex `started_on`."""
+    import re
+
+    raw = b""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            raw += piece
+            if not started.is_set() and re.search(started_on, raw):
+                started.set()
+            if raw.endswith(b"\r\n0\r\n\r\n"):
+                break
+    return raw

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server_helpers import Server, image_message, start_replicated, local_message, png_bytes, wait_for_metrics
+from server_helpers import Server, image_message, start_replicated, stream_raw, local_message, png_bytes, wait_for_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NAME = "llava-shapes"
@@ -58,24 +57,7 @@ def _replicas(s: Server) -> dict[str, int]:
 
 def _stream(s: Server, body: dict, out: dict, started: threading.Event) -> None:
     """POST a streamed request; out["text"] is the raw body, `started` is set at the first content event."""
-    raw = b""
-    payload = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", s.port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except OSError:
-                break
-            if not piece:
-                break
-            raw += piece
-            if not started.is_set() and re.search(rb'"content":"[^"]', raw):
-                started.set()
-            if raw.endswith(b"\r\n0\r\n\r\n"):
-                break
-    out["text"] = raw.decode(errors="replace")
+    out["text"] = stream_raw(s.port, json.dumps(body).encode(), started, rb'"content":"[^"]', 60).decode(errors="replace")
     started.set()
 
 

@@ -8,28 +8,13 @@ import socket
 import threading
 import time
 
-from server_helpers import Server, image_message, png_bytes
+from server_helpers import Server, image_message, png_bytes, stream_raw
 
 
 def _stream(port: int, max_tokens: int, out: dict, started: threading.Event) -> None:
     body = json.dumps({"model": "shutdown", "messages": image_message("What is in the picture?", png_bytes(16, 16)),
                        "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    data = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(head + body)
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except OSError:
-                break
-            if not piece:
-                break
-            data += piece
-            if b"data: " in data:
-                started.set()
-    out["data"] = data
+    out["data"] = stream_raw(port, body, started, rb"data: ", 30)
 
 
 def test_sigterm_finishes_short_streams_cancels_long_ones_and_exits_0(checkpoint, tmp_path):
