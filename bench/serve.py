@@ -296,11 +296,11 @@ def mixed_bodies(model: str, n: int, pool: list[str], max_tokens: int, seed: int
     return bodies
 
 
-def scrape(host: str, port: int) -> dict[str, float]:
+def scrape(host: str, port: int, timeout: float = 30) -> dict[str, float]:
     """The server's /metrics as {'name{label="v",...}': value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with socket.create_connection((host, port), timeout=30) as c:
+    with socket.create_connection((host, port), timeout=timeout) as c:
         c.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         raw = b""
         while piece := c.recv(65536):

@@ -18,13 +18,12 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
 import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-from serve import QUESTIONS, chat, launch, png_data_url, served_model, stop, summary
+from serve import QUESTIONS, chat, launch, png_data_url, scrape, served_model, stop, summary
 
 
 def _kinds(model: str, images: list[str], max_tokens: int) -> dict:
@@ -71,17 +70,7 @@ def rss_of(pid: int | None) -> int | None:
 
 def metrics(host: str, port: int) -> dict[str, float]:
     """Unlabelled samples of /metrics."""
-    with socket.create_connection((host, port), timeout=10) as c:
-        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        raw = b""
-        while piece := c.recv(65536):
-            raw += piece
-    out = {}
-    for line in raw.split(b"\r\n\r\n", 1)[1].decode().splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {name: value for name, value in scrape(host, port, timeout=10).items() if "{" not in name}
 
 
 async def soak(host: str, port: int, plan: list[tuple[int, str, dict, int]], timeout: float, deadline: float,

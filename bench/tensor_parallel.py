@@ -40,6 +40,9 @@ sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 from compare import checkpoint_dir  # noqa: E402
 from llamacpp import LlavakitEngine, Worker, machine_info  # noqa: E402
 
+from llavakit.families.base import CLIP_L14_336  # noqa: E402
+from llavakit.families.llava_onevision import SIGLIP_SO400M_MINUS_ONE  # noqa: E402
+
 SPEED_CONFIGS = {"1x2": (1, 2), "2x1": (2, 1)}  # name -> (ranks, threads per rank)
 
 
@@ -160,10 +163,8 @@ def run_speed(args) -> int:
 
 _LLAMA = dict(model_type="llama", rms_norm_eps=1e-5)
 _QWEN2 = dict(model_type="qwen2", rms_norm_eps=1e-6)
-_CLIP = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-             num_attention_heads=16, image_size=336, patch_size=14)
-_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
-               num_attention_heads=16, image_size=384, patch_size=14)
+_CLIP = CLIP_L14_336  # the towers as the families define them
+_SIGLIP = SIGLIP_SO400M_MINUS_ONE
 _VIDEO = dict(model_type="llava_next_video", spatial_pool_mode="average", spatial_pool_stride=2)
 # name -> (top-level config, text config); the published checkpoints' values
 PUBLISHED = {
