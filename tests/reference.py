@@ -72,6 +72,16 @@ def _randomize(model) -> None:
                 p.mul_(6.0)
 
 
+def tiny_tower(tower: str, image_size: int, patch_size: int):
+    """The tiny CLIP ("clip") or SigLIP ("siglip") vision config every random checkpoint here uses."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    return (SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig)(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-5,
+    )
+
+
 def text_config(family: str, vocab_size: int, **extra):
     """A tiny decoder config of the given family (llama, mistral, qwen2)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -107,19 +117,14 @@ def make_llava(
     tower "siglip" gives the llava-interleave layout: SigLIP, no class token, a plain resize.
     """
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-        SiglipImageProcessor, SiglipVisionConfig,
+        CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor,
     )
 
     out = Path(out)
     tokenizer = build_tokenizer(add_bos=family != "qwen2")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab = len(tokenizer) + 12  # published vocabularies are padded past the tokenizer
-    tower_cls = SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig
-    vision = tower_cls(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-5,
-    )
+    vision = tiny_tower(tower, image_size, patch_size)
     tcfg = text_config(family, vocab, tie_word_embeddings=tie, **(text_extra or {}))
     cfg = LlavaConfig(
         vision_config=vision, text_config=tcfg, image_token_index=image_id,
@@ -194,20 +199,14 @@ def make_llava_next(
     tower "siglip" (no class token) goes with the `full` strategy, the only one it can tile with.
     """
     from transformers import (
-        CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-        LlavaNextProcessor,
+        LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
     )
 
     out = Path(out)
     pinpoints = pinpoints or NEXT_PINPOINTS
     tokenizer = build_tokenizer(add_bos=family != "qwen2")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    from transformers import SiglipVisionConfig
-
-    vision = (SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig)(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        image_size=tile, patch_size=patch_size, layer_norm_eps=1e-5,
-    )
+    vision = tiny_tower(tower, tile, patch_size)
     strategy = "full" if tower == "siglip" else "default"
     tcfg = text_config(family, len(tokenizer) + 12, tie_word_embeddings=tie)
     cfg = LlavaNextConfig(
@@ -357,8 +356,7 @@ def make_llava_next_video(out: Path, family: str = "llama", pool_mode: str = "av
     video_size: the frames' `size` (default: shortest edge = the tile, then a centre crop to the tile).
     """
     from transformers import (
-        CLIPVisionConfig, LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
-        SiglipVisionConfig,
+        LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
     )
 
     out = Path(out)
@@ -367,10 +365,7 @@ def make_llava_next_video(out: Path, family: str = "llama", pool_mode: str = "av
     video_id = tokenizer.convert_tokens_to_ids("<video>")
     tile, patch = NEXT_VIDEO_TILE, NEXT_VIDEO_PATCH
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile], [3 * tile, tile]]
-    vision = (SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig)(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        image_size=tile, patch_size=patch, layer_norm_eps=1e-5,
-    )
+    vision = tiny_tower(tower, tile, patch)
     strategy = "full" if tower == "siglip" else "default"
     tcfg = text_config(family, len(tokenizer) + 12, tie_word_embeddings=tie)
     cfg = LlavaNextVideoConfig(
