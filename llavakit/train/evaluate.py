@@ -23,18 +23,13 @@ from pathlib import Path
 from ..progress import StatusLine
 from . import scoring
 from .data import DataError, read_records
+from .scoring import normalize_answer
 
 SCORES = ("exact", "shapes")
 # Rows a shapes report always shows, in this order, so that reports on different models and sets
 # line up; other types and tags found in the data follow them.
 TYPE_ROWS = scoring.QUESTION_TYPES
 CONDITION_ROWS = ("size:small", "size:medium", "size:large", "aspect:wide", "jpeg", "paraphrase", "multi-turn")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no surrounding whitespace, no final period."""
-    text = text.strip().lower()
-    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,12 @@ _COUNT_SKIP = _FILLER | set(COLOURS)  # "three small red shapes" counts three
 _CONCLUSION = re.compile(r"\b(?:so|therefore|thus|hence|answer is|answer)\b")
 
 
+def normalize_answer(text: str) -> str:
+    """Exact scoring's comparison: lower case, no surrounding whitespace, no final period."""
+    text = text.strip().lower()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
 def normalize(text: str) -> str:
     """Lower case, British/American and gray/grey spellings merged, punctuation and hyphens → spaces."""
     text = text.lower()

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import LlavakitError
-from .evaluate import normalize_answer  # noqa: F401  (re-exported: the evaluator's comparison)
+from .scoring import normalize_answer  # noqa: F401  (re-exported: the evaluator's comparison)
 
 QUESTION_TYPES = ("shapes", "color", "count", "position", "caption", "where", "colors", "compare", "motion")
 IMAGE_TYPES = QUESTION_TYPES[:7]  # the types one picture can answer
