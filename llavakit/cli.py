@@ -43,7 +43,8 @@ RANDOM_PRESETS = ("tiny", "llava-1.5-7b", "llava-v1.6-mistral-7b", "llava-next-v
 TRAIN_STAGES = ("projector", "full", "lora")
 TRAIN_DEFAULTS = dict(stage="full", epochs=1.0, batch_size=8, grad_accum=1, lr=2e-5, warmup_ratio=0.03,
                       weight_decay=0.0, max_grad_norm=1.0, max_length=2048, lora_r=8, lora_alpha=16,
-                      lora_dropout=0.0, save_every=0, eval_every=0, keep_checkpoints=2, on_bad_data="fail", seed=0)
+                      lora_dropout=0.0, save_every=0, eval_every=0, keep_checkpoints=2, on_bad_data="fail",
+                      group_by_length=False, seed=0)
 
 # --threads auto: one thread for models this small. A step of theirs is mostly Python, so a second
 # thread gains nothing, and when another process holds a core every parallel op waits for the
@@ -417,7 +418,7 @@ def cmd_pretrain_tower(args) -> int:
     from .train.tower import pretrain_tower
 
     summary = pretrain_tower(Path(args.out), args.vision, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, world=args.world)
+                             seed=args.seed, world=args.world, workers=args.workers)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -464,7 +465,8 @@ def cmd_train(args) -> int:
                       bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                       train_vision=args.train_vision, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, save_every=args.save_every, eval_every=args.eval_every,
-                      keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data, seed=args.seed)
+                      keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data,
+                      group_by_length=args.group_by_length, seed=args.seed)
     model = args.model or SHIPPED_MODEL_NAME
     set_threads(args.threads, None if args.threads is not None else _checkpoint_parameters(model))
     resume = True if args.resume == "latest" else (Path(args.resume) if args.resume else False)
@@ -772,6 +774,8 @@ def _parser() -> argparse.ArgumentParser:
     ptw.add_argument("--seed", type=int, default=0, help="the same seed gives the same weights")
     ptw.add_argument("--world", choices=["grid", "free"], default="grid",
                      help="grid: 96-px grid pictures; free: the processor's views of free-world pictures (default grid)")
+    ptw.add_argument("--workers", type=int, choices=[0, 1], default=1,
+                     help="processes drawing the pictures beside the training: 1 (default) uses a second core, 0 none")
     ptw.set_defaults(func=cmd_pretrain_tower)
 
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
@@ -826,6 +830,9 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--keep-checkpoints", type=int, default=t.keep_checkpoints)
     trn.add_argument("--on-bad-data", default=t.on_bad_data, choices=["fail", "skip"],
                      help="a bad record (missing image, too long, marker count): stop (default) or skip it")
+    trn.add_argument("--group-by-length", action="store_true",
+                     help="fill each step with conversations of about one length, so less of it is padding "
+                          "(the order stays a function of --seed)")
     trn.add_argument("--resume", nargs="?", const="latest",
                      help="continue from the newest checkpoint-N in --out, or from the folder given")
     trn.add_argument("--overwrite", action="store_true",

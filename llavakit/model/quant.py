@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import native
 from ..errors import ConfigError
 from .linear import bias32_ptr, dense, dtype_code, kernel_for, native_out, widens_product
 
@@ -119,6 +120,11 @@ def dequantize_tiles(qweight: torch.Tensor, scales: torch.Tensor, bits: int, n: 
     """The (n, K) weight in `dtype` that `quantize_tiles` packed."""
     tiles, groups, _ = scales.shape
     k = qweight.shape[1] // (TILE if bits == 8 else TILE // 2)
+    lib = native.library() if qweight.device.type == "cpu" else None
+    if lib is not None and qweight.is_contiguous() and scales.is_contiguous():
+        out = torch.empty(n, k, dtype=torch.float32)  # one pass, in threads: the unpacking below takes five
+        lib.lk_dequant_tiles(bits, qweight.data_ptr(), scales.data_ptr(), k // groups, n, k, out.data_ptr())
+        return out.to(dtype)
     if bits == 8:
         v = qweight.view(tiles, k // 32, 8, TILE, 4).float()
     else:

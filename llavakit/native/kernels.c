@@ -332,6 +332,42 @@ int lk_linear_int4(const void *x, int xdt, const uint8_t *w, const uint16_t *sca
 }
 
 
+/* Tiles back to a float32 (N, K) matrix, for a prompt's many rows: there a float32 GEMM beats
+ * the tile kernels, and PyTorch's unpacking takes several passes over the weight (about a fifth
+ * of the product's time at 1.5k rows). Layout as quantize_tiles writes it: per tile of 8 rows and
+ * block of 32 columns, column c*4+j of row r is at [chunk c][r][j] (int4: chunks 4..7 are the high
+ * nibbles of chunks 0..3); the scale of row r, group g is scales[(tile * groups + g) * 8 + r]. */
+int lk_dequant_tiles(int bits, const void *w, const uint16_t *scales, int G, int N, int K, float *out) {
+    int tiles = (N + 7) / 8, blocks = K / 32, groups = K / G;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        for (int b = 0; b < blocks; b++) {
+            int g = b * 32 / G;
+            for (int r = 0; r < 8; r++) {
+                int row = t * 8 + r;
+                if (row >= N) break;
+                float s = f16_to_f32(scales[((size_t)t * groups + g) * 8 + r]);
+                float *o = out + (size_t)row * K + b * 32;
+                if (bits == 8) {
+                    const int8_t *q = (const int8_t *)w + (((size_t)t * blocks + b) * 8 * 8 + r) * 4;
+                    for (int c = 0; c < 8; c++)
+                        for (int j = 0; j < 4; j++) o[c * 4 + j] = s * q[c * 32 + j];
+                } else {
+                    const uint8_t *q = (const uint8_t *)w + (((size_t)t * blocks + b) * 4 * 8 + r) * 4;
+                    for (int c = 0; c < 4; c++)
+                        for (int j = 0; j < 4; j++) {
+                            uint8_t v = q[c * 32 + j];
+                            o[c * 4 + j] = s * ((int)(v & 15) - 8);
+                            o[(c + 4) * 4 + j] = s * ((int)(v >> 4) - 8);
+                        }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+
 /* ---------------------------------------------------------------- float32 weights */
 
 static inline float f32_dot(const float *w, const float *x, int K) {

@@ -49,6 +49,7 @@ class Record:
     messages: list[dict]
     # The line's "tags" (strings; anything else there is ignored): conditions an evaluation groups by.
     tags: tuple[str, ...] = ()
+    tokens: int = 0  # about how many tokens, images included (the check before training counts them)
 
 
 @dataclass(frozen=True)

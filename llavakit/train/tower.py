@@ -8,7 +8,10 @@ dense like a segmentation model's: pictures and clip frames of the shapes world 
 fly, and two linear heads on every output token predict
 
     what the patch holds   nothing, or the colour and kind of the shape whose centre lies in it
+                           (free world: of the shape covering most of it)
     which patch it is      its row-major index, so the features keep their place
+    where its shape is     free world: the centre of that shape in the view, so that every token
+                           of a shape knows the whole shape's place (regions, left/right, motion)
 
 The heads are thrown away; the tower is written as a SigLIP/CLIP checkpoint folder (config.json,
 model.safetensors with `vision_model.*` keys, preprocessor_config.json) that `llavakit init
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -78,7 +82,9 @@ def sample_batch(rng: random.Random, n: int, cfg: VisionConfig, clip_share: floa
 
 # ---- the free world: any picture, seen as the processor shows it to the tower ---------------------
 
-VIEWS = {"base": 0.3, "tile": 0.45, "square": 0.15, "frame": 0.1}  # how often each view is drawn
+FRAME_SHARE = 0.12  # draws that are a clip's frames rather than a picture
+SQUARE_SHARE = 0.3  # pictures that also give the padded square a picture among several becomes
+TILES_PER_PICTURE = 3  # any-resolution tiles taken from one picture (drawing it costs more than the tower's step)
 JPEG_SHARE, JPEG_QUALITY = 0.25, (50, 95)
 MIN_VISIBLE = 3  # px: a shape narrower than this in a view is a smudge, labelled nowhere
 
@@ -93,36 +99,37 @@ def _scaled(boxes, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0):
     return [(c, k, (x0 * sx + dx, y0 * sy + dy, x1 * sx + dx, y1 * sy + dy)) for c, k, (x0, y0, x1, y1) in boxes]
 
 
-def free_view(rng: random.Random, side: int, pinpoints) -> tuple[np.ndarray, list]:
-    """One tower input drawn from the free world, as the processor would cut it: (side, side, 3)
-    uint8 pixels and [(colour, kind, (x0, y0, x1, y1))] of the shapes in view coordinates.
+def free_views(rng: random.Random, side: int, pinpoints) -> list[tuple[np.ndarray, list]]:
+    """Tower inputs drawn from the free world, as the processor would cut them: a list of (side,
+    side, 3) uint8 pixels with [(colour, kind, (x0, y0, x1, y1))] of the shapes in view coordinates.
 
-    A picture's base view (squashed to the tile), one of its any-resolution tiles (preferring tiles
-    that show a shape), the padded square a picture among several becomes, or a clip's frame.
+    Either two frames of a motion clip, or several views of one picture: its base view (squashed
+    to the tile), sometimes the padded square a picture among several becomes, and up to
+    TILES_PER_PICTURE of its any-resolution tiles (mostly tiles that show a shape).
     """
-    view = rng.choices(list(VIEWS), weights=list(VIEWS.values()))[0]
-    if view == "frame":
+    if rng.random() < FRAME_SHARE:
         scene, boxes = scenes.sample_clip(rng, rng.choice(S.DIRECTIONS))
-        t = rng.randrange(len(boxes))
-        image = Image.fromarray(scenes.render_clip(scene, [boxes[t]])[0])
-        shapes = [(scene.shapes[0].color, scene.shapes[0].kind, boxes[t])]
-    else:
-        image, scene = scenes.sample_picture(rng)
-        shapes = [(s.color, s.kind, s.box) for s in scene.shapes]
-        if rng.random() < JPEG_SHARE:
-            image = _jpeg(image, rng)
+        shape = scene.shapes[0]
+        times = rng.sample(range(len(boxes)), 2)
+        frames = scenes.render_clip(scene, [boxes[t] for t in times])
+        h, w = frames[0].shape[:2]
+        return [(_resize(f, (side, side)), _scaled([(shape.color, shape.kind, boxes[t])], side / w, side / h))
+                for f, t in zip(frames, times)]
+    image, scene = scenes.sample_picture(rng)
+    shapes = [(s.color, s.kind, s.box) for s in scene.shapes]
+    if rng.random() < JPEG_SHARE:
+        image = _jpeg(image, rng)
     w, h = image.size
     hwc = np.asarray(image)
-    if view in ("base", "frame"):
-        out = _resize(hwc, (side, side))
-        return out, _scaled(shapes, side / w, side / h)
-    if view == "square":
+    views = [(_resize(hwc, (side, side)), _scaled(shapes, side / w, side / h))]
+    if rng.random() < SQUARE_SHARE:
         big = max(w, h)
         canvas = np.empty((big, big, 3), np.uint8)
         canvas[...] = 127  # SigLIP's mean colour (0.5), as the processor pads
         top, left = (big - h) // 2, (big - w) // 2
         canvas[top:top + h, left:left + w] = hwc
-        return _resize(canvas, (side, side)), _scaled(shapes, side / big, side / big, left * side / big, top * side / big)
+        views.append((_resize(canvas, (side, side)),
+                      _scaled(shapes, side / big, side / big, left * side / big, top * side / big)))
     best = anyres.select_best_resolution((h, w), pinpoints)
     inner = anyres.resize_within((h, w), best)
     top, _, left, _ = anyres.centre_padding(inner, best)
@@ -132,8 +139,18 @@ def free_view(rng: random.Random, side: int, pinpoints) -> tuple[np.ndarray, lis
     tiles = [(i, j) for i in range(0, best[0], side) for j in range(0, best[1], side)]
     showing = [(i, j) for i, j in tiles if any(x0 < j + side and x1 > j and y0 < i + side and y1 > i
                                                for _, _, (x0, y0, x1, y1) in moved)]
-    i, j = rng.choice(showing if showing and rng.random() < 0.8 else tiles)
-    return canvas[i:i + side, j:j + side], _scaled(moved, 1, 1, -j, -i)
+    rest = [t for t in tiles if t not in showing]
+    rng.shuffle(showing)
+    rng.shuffle(rest)
+    chosen = showing[:TILES_PER_PICTURE - 1] + rest[:1] if rest and rng.random() < 0.2 else showing[:TILES_PER_PICTURE]
+    for i, j in chosen or tiles[:1]:
+        views.append((canvas[i:i + side, j:j + side], _scaled(moved, 1, 1, -j, -i)))
+    return views
+
+
+def free_view(rng: random.Random, side: int, pinpoints) -> tuple[np.ndarray, list]:
+    """One view of `free_views`, chosen at random."""
+    return rng.choice(free_views(rng, side, pinpoints))
 
 
 def _resize(hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -145,11 +162,23 @@ def patch_labels(shapes, side: int, patch: int) -> np.ndarray:
     """(P*P,) int64, row-major patches: 1 + CLASSES index of the shape covering most of the patch,
     among those covering a fifth of it or holding half of their visible part (a small shape inside
     it); 0 where no shape does."""
+    return patch_targets(shapes, side, patch)[0]
+
+
+def patch_targets(shapes, side: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`patch_labels`, and (P*P, 2) float32: the centre (x, y) of each labelled patch's shape as a
+    share of the view's side (outside 0..1 for a shape cut by the view's edge; 0 where unlabelled).
+
+    The centre makes every token of a shape say where the whole shape is: a 4x4 grid of patches
+    cannot tell the picture's thirds apart, and the tokens a shape spreads over agree on one place.
+    """
     n = side // patch
     best = np.zeros(n * n)
     out = np.zeros(n * n, np.int64)
-    for color, kind, (x0, y0, x1, y1) in shapes:
-        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(side)), min(y1, float(side))
+    centres = np.zeros((n * n, 2), np.float32)
+    for color, kind, box in shapes:
+        centre = ((box[0] + box[2]) / 2 / side, (box[1] + box[3]) / 2 / side)
+        x0, y0, x1, y1 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(side)), min(box[3], float(side))
         if x1 - x0 < MIN_VISIBLE or y1 - y0 < MIN_VISIBLE:
             continue
         visible = (x1 - x0) * (y1 - y0)
@@ -160,19 +189,37 @@ def patch_labels(shapes, side: int, patch: int) -> np.ndarray:
                 if (inter >= 0.2 * patch * patch or inter >= 0.5 * visible) and inter > best[r * n + c]:
                     best[r * n + c] = inter
                     out[r * n + c] = 1 + CLASSES.index((color, kind))
-    return out
+                    centres[r * n + c] = centre
+    return out, centres
 
 
 def sample_free_batch(rng: random.Random, n: int, cfg: VisionConfig, pinpoints):
-    """`n` normalised free-world views (n, 3, S, S) and their patch labels (n, P*P) (see `patch_labels`)."""
+    """`n` normalised free-world views (n, 3, S, S), their patch labels (n, P*P) and their shapes'
+    centres (n, P*P, 2) (see `patch_targets`)."""
     mean, std = (torch.tensor(v)[:, None, None] for v in _STATS[cfg.model_type])
-    views, labels = [], []
-    for _ in range(n):
-        hwc, shapes = free_view(rng, cfg.image_size, pinpoints)
-        views.append(hwc)
-        labels.append(patch_labels(shapes, cfg.image_size, cfg.patch_size))
+    views, labels, centres = [], [], []
+    while len(views) < n:
+        for hwc, shapes in free_views(rng, cfg.image_size, pinpoints)[:n - len(views)]:
+            views.append(hwc)
+            label, centre = patch_targets(shapes, cfg.image_size, cfg.patch_size)
+            labels.append(label)
+            centres.append(centre)
     pixels = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255)
-    return (pixels - mean) / std, torch.from_numpy(np.stack(labels))
+    return (pixels - mean) / std, torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(centres))
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless training batches drawn by `draw(rng, n)` from a generator seeded by `seed`, so that a
+    DataLoader worker (on another core) draws the pictures while the tower learns."""
+
+    def __init__(self, draw, seed: str, batch_size: int):
+        self.draw, self.seed, self.batch_size = draw, seed, batch_size
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        rng = random.Random(self.seed)
+        while True:
+            yield self.draw(rng, self.batch_size)
 
 
 def _features(tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
@@ -182,7 +229,7 @@ def _features(tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _accuracy(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
-    pixels, labels = test
+    pixels, labels = test[:2]
     with torch.no_grad():
         pred = head(_features(tower, pixels)).argmax(-1)
     held = labels > 0
@@ -191,6 +238,16 @@ def _accuracy(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
             "shape_accuracy": (pred[held] == labels[held]).float().mean().item(),
             "kind_accuracy": ((pred[held] > 0) & ((pred[held] - 1) % kinds == (labels[held] - 1) % kinds))
             .float().mean().item()}
+
+
+def _centre_error(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
+    """Mean distance, as a share of the view's side, between the predicted and true centres of
+    labelled patches' shapes."""
+    pixels, labels, centres = test
+    with torch.no_grad():
+        pred = head(_features(tower, pixels))
+    held = labels > 0
+    return {"centre_error": (pred[held] - centres[held]).norm(dim=-1).mean().item()}
 
 
 def _check_spec(vision: str, world: str = "grid") -> dict:
@@ -217,7 +274,7 @@ def _check_spec(vision: str, world: str = "grid") -> dict:
 
 
 def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
-                   seed: int = 0, progress: bool = True, world: str = "grid") -> dict:
+                   seed: int = 0, progress: bool = True, world: str = "grid", workers: int = 1) -> dict:
     """Train a tower of spec `vision` ("siglip:image_size=96,patch_size=32,...") on the shapes
     world's token labels for `steps` AdamW steps and write it under `out`; returns the summary
     (also written as train_summary.json): losses and held-out token accuracies.
@@ -225,7 +282,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     world "grid": 96-px grid pictures, one class per patch (the shape whose centre it holds).
     world "free": the views the processor makes of free-world pictures (`free_view`), each patch
     labelled with the shape covering most of it (`patch_labels`).
-    The same arguments give the same weights (pictures come from a generator seeded by `seed`).
+    `workers` processes draw the pictures beside the training (0: in this process); the same
+    arguments give the same weights (pictures come from a generator seeded by `seed`).
     """
     if world not in ("grid", "free"):
         raise ConfigError(f"world must be grid or free, got {world!r}.")
@@ -233,6 +291,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     cfg = VisionConfig.from_hf(cfg_dict)
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
+    if workers not in (0, 1):
+        raise ConfigError(f"workers must be 0 (draw pictures in this process) or 1, got {workers}.")
     torch.manual_seed(seed)
     tower = VisionTower(cfg)
     _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
@@ -240,22 +300,33 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     free = world == "free"
     what = torch.nn.Linear(cfg.hidden_size, 1 + len(CLASSES))
     where = torch.nn.Linear(cfg.hidden_size, tokens)
-    params = [*tower.parameters(), *what.parameters(), *where.parameters()]
+    centre = torch.nn.Linear(cfg.hidden_size, 2)  # free world: where the patch's shape is, as a whole
+    params = [*tower.parameters(), *what.parameters(), *where.parameters(), *(centre.parameters() if free else ())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / steps))))
-    rng = random.Random(f"tower/{seed}/train")
     pins = _pinpoints("llava_onevision", cfg.image_size)
     draw = (lambda r, n: sample_free_batch(r, n, cfg, pins)) if free else (lambda r, n: sample_batch(r, n, cfg))
     test = draw(random.Random(f"tower/{seed}/test"), 256)
     place = torch.arange(tokens)
+    # one worker: a second one would only pay off with a third core, and keeps the order simple;
+    # the tower's own threads leave the worker its core
+    threads = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    batches = iter(torch.utils.data.DataLoader(_Batches(draw, f"tower/{seed}/train", batch_size), batch_size=None,
+                                               num_workers=workers, prefetch_factor=4 if workers else None))
     status = StatusLine() if progress else None
     start, first, loss = time.monotonic(), None, None
     for step in range(1, steps + 1):
-        pixels, labels = draw(rng, batch_size)
+        pixels, labels, *centres = next(batches)
         feats = _features(tower, pixels)
         loss = F.cross_entropy(what(feats).flatten(0, 1), labels.flatten()) + F.cross_entropy(where(feats).flatten(0, 1), place.repeat(len(pixels)))
+        if centres:
+            held = labels > 0
+            # in tenths of the view, so that a miss of a tenth weighs about as much as a wrong class
+            loss = loss + F.smooth_l1_loss(centre(feats)[held] * 10, centres[0][held] * 10)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,7 +339,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
                         f"{clock(elapsed / step * (steps - step))}", force=step == steps)
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                "seconds": round(time.monotonic() - start, 1), "first_loss": first, "final_loss": loss.item(),
-               "world": world, **_accuracy(tower, what, test)}
+               "world": world, **_accuracy(tower, what, test), **(_centre_error(tower, centre, test) if free else {})}
+    torch.set_num_threads(threads)
     save_tower(tower, Path(out), cfg_dict)
     (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -163,6 +163,18 @@ def test_free_patch_labels_take_the_shape_covering_most_of_each_patch():
     assert patch_labels(small, side=96, patch=32).tolist() == [0, 0, 0, 0, blue, 0, 0, 0, 0]
 
 
+def test_free_patch_targets_give_every_token_of_a_shape_its_whole_centre():
+    from llavakit.train.tower import patch_targets
+
+    cut = [("green", "triangle", (-32.0, 40.0, 56.0, 90.0))]  # cut by the left edge: centre at x = 12
+    labels, centres = patch_targets(cut, side=96, patch=32)
+    held = [i for i, v in enumerate(labels.tolist()) if v]
+    assert held == [3, 4, 6, 7]  # rows 1 and 2, columns 0 and 1 (column 1 holds 24 of its 32 px)
+    for i in held:
+        assert centres[i].tolist() == pytest.approx([12 / 96, 65 / 96])
+    assert not centres[[0, 1, 2, 5, 8]].any()
+
+
 def test_free_views_follow_the_processor_and_hold_their_shapes():
     from llavakit.train.assemble import _pinpoints
     from llavakit.train.tower import free_view
@@ -188,3 +200,13 @@ def test_free_world_pretraining_writes_a_tower(tmp_path):
     assert (tmp_path / "f" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="world must be grid or free"):
         pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="round")
+    with pytest.raises(ConfigError, match="workers must be 0"):
+        pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", workers=2)
+
+
+def test_a_drawing_worker_gives_the_weights_of_drawing_in_process(tmp_path):
+    spec = "siglip:image_size=64,patch_size=32,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
+    for workers in (0, 1):
+        pretrain_tower(tmp_path / str(workers), spec, steps=2, batch_size=4, progress=False, world="free", workers=workers)
+    a, b = (load_file(tmp_path / str(w) / "model.safetensors") for w in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -99,9 +99,11 @@ def test_stages_train_what_they_should_and_the_loss_falls(base, tmp_path):
     assert vlm.chat(conv, max_new_tokens=5).text == "blue"
 
 
-def test_resume_reaches_the_same_weights(base, tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_reaches_the_same_weights(base, tmp_path, group_by_length):
     model, data = base
-    cfg = TrainConfig(stage="full", max_steps=6, batch_size=3, grad_accum=2, lr=1e-3, save_every=3, seed=1)
+    cfg = TrainConfig(stage="full", max_steps=6, batch_size=3, grad_accum=2, lr=1e-3, save_every=3, seed=1,
+                      group_by_length=group_by_length)
     train(model, data, tmp_path / "straight", cfg, log=_quiet, progress=False)
     # The same run stopped after its step-3 checkpoint, then resumed.
     stopped = TrainConfig(**{**cfg.__dict__})
@@ -119,6 +121,27 @@ def test_resume_reaches_the_same_weights(base, tmp_path):
     with pytest.raises(TrainError, match="other options"):
         train(model, data, tmp_path / "resumed", TrainConfig(**{**cfg.__dict__, "lr": 5e-4}),
               resume=tmp_path / "straight" / "checkpoint-3", log=_quiet, progress=False)
+
+
+def test_grouping_by_length_cuts_an_epoch_into_batches_of_about_one_length():
+    from llavakit.train.loop import LENGTH_WINDOW, _order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 300, 2000).tolist()
+    batch = 16
+    order = _order(len(lengths), 3, 1, lengths, batch)
+    assert sorted(order) == list(range(2000)) and order == _order(len(lengths), 3, 1, lengths, batch)
+    assert order != _order(len(lengths), 3, 2, lengths, batch) and _order(2000, 3, 1) != order
+    full = len(lengths) // (batch * LENGTH_WINDOW) * batch * LENGTH_WINDOW  # whole windows: no leftovers
+    spread = [max(lengths[i] for i in order[j:j + batch]) - min(lengths[i] for i in order[j:j + batch])
+              for j in range(0, full, batch)]
+    plain = _order(len(lengths), 3, 1)
+    random_spread = [max(lengths[i] for i in plain[j:j + batch]) - min(lengths[i] for i in plain[j:j + batch])
+                     for j in range(0, full, batch)]
+    assert max(spread) <= 25 and np.median(random_spread) >= 150  # 250 values over 64 batches: about 4 each
+    # batches, not the sorted windows, come in a shuffled order: consecutive batches' lengths jump about
+    firsts = [lengths[order[j]] for j in range(0, full, batch)]
+    assert sum(b < a for a, b in zip(firsts, firsts[1:])) >= len(firsts) // 4
 
 
 def test_lora_save_merge_load_equals_the_live_adapter(base, tmp_path):
