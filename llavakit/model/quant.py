@@ -11,8 +11,9 @@ are cut into groups of GROUP_SIZE values along each row, with one float16 scale 
 
 Per phase: a few rows at a time (decode) run llavakit's native kernels, which quantise the
 activations to int8 in blocks of 32 and take exact integer dot products against the stored
-blocks; many rows at once (prefill) dequantise the weight once and run the ordinary matmul, which
-is compute-bound. Without the native library every product takes the dequantised route.
+blocks; many rows at once (prefill) dequantise the weight once (natively: one threaded pass) and
+run the ordinary matmul, which is compute-bound. Without the native library every product takes
+the dequantised route, unpacked by PyTorch operators.
 
 The vision tower, the projector and the input embeddings stay unquantised (they run once per image,
 or read one row per token).
