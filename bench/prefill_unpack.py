@@ -62,15 +62,15 @@ def main() -> int:
         print(json.dumps(row), file=sys.stderr)
         del engine
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"prefill-unpack-{args.preset}"
+    stem = f"prefill-unpack-{args.preset}"
     info = machine_info(args.threads)
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "prefill_tokens": args.prefill_tokens,
+    (args.out / f"{stem}.json").write_text(json.dumps({"machine": info, "prefill_tokens": args.prefill_tokens,
                                                      "rows": rows}, indent=2) + "\n")
     lines = [f"# Prefill of {args.prefill_tokens} tokens, {args.preset}, {args.threads} threads "
              f"(medians of {args.runs}, alternated)", "",
              "| weights | PyTorch unpacking (s) | native unpacking (s) | speed-up |", "|---|---|---|---|"]
     lines += [f"| {r['pair']} | {r['pytorch_s']} | {r['native_s']} | {r['speedup']}x |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -33,6 +33,9 @@
 #endif
 
 #define QK 32 /* values per activation block */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LK_VNNI 1 /* vpdpbusd: the 8-bit multiply-add and its widening sum in one instruction */
+#endif
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of each weight row the kernels ask the cache for */
 #endif
@@ -99,20 +102,71 @@ static inline float hsum(__m256 v) {
 
 /* ---------------------------------------------------------------- bfloat16 weights */
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define LK_BF16DOT 1 /* AVX512-BF16: vdpbf16ps multiplies 32 bfloat16 pairs per instruction */
+#endif
+
+#ifdef LK_BF16DOT
+/* x as bfloat16 pairs for vdpbf16ps: per row, K values hi = bf16(x), then K values lo =
+ * bf16(x - hi), which together carry x to about 16 bits. Returns whether any lo is non-zero: a
+ * bfloat16 model's activations are bfloat16 already, and its products then take one
+ * instruction per 32 values, where float32 activations take two. */
+static int bf16_prepare_x(const void *x, int xdt, int M, int K, float *xf) {
+    int lo_used = 0;
+    for (int m = 0; m < M; m++) {
+        uint16_t *hi = (uint16_t *)(xf + (size_t)m * K), *lo = hi + K;
+        for (int k = 0; k < K; k++) {
+            float v = load_x(x, xdt, (size_t)m * K + k);
+            uint16_t h = f32_to_bf16(v);
+            hi[k] = h;
+            lo[k] = f32_to_bf16(v - bf16_to_f32(h));
+            lo_used |= lo[k] != 0;
+        }
+    }
+    return lo_used;
+}
+
+/* out[r] = dot(w row r, x) for R (1..4) consecutive rows; x as bf16_prepare_x wrote it. */
+static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, float *out, int lo_used) {
+    const uint16_t *xh = (const uint16_t *)xf, *xl = xh + K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh a = (__m512bh)_mm512_loadu_si512(xh + k), b = (__m512bh)_mm512_loadu_si512(xl + k);
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + (size_t)r * K + k) + PREFETCH, _MM_HINT_T0);
+            __m512bh v = (__m512bh)_mm512_loadu_si512(w + (size_t)r * K + k);
+            acc[r] = _mm512_dpbf16_ps(acc[r], v, a);
+            if (lo_used) acc[r] = _mm512_dpbf16_ps(acc[r], v, b);
+        }
+    }
+    if (k < K) { /* K % 16 == 0: a last half block */
+        __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(0xffff, xh + k), b = (__m512bh)_mm512_maskz_loadu_epi16(0xffff, xl + k);
+        for (int r = 0; r < R; r++) {
+            __m512bh v = (__m512bh)_mm512_maskz_loadu_epi16(0xffff, w + (size_t)r * K + k);
+            acc[r] = _mm512_dpbf16_ps(acc[r], v, a);
+            if (lo_used) acc[r] = _mm512_dpbf16_ps(acc[r], v, b);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#else
 /* x as float32, each group of 16 reordered [even values, odd values]: a 32-byte load of 16
  * bfloat16 weights gives the even ones by a 16-bit shift and the odd ones by a mask, with no
  * widening shuffle. */
-static void bf16_prepare_x(const void *x, int xdt, int M, int K, float *xf) {
+static int bf16_prepare_x(const void *x, int xdt, int M, int K, float *xf) {
     for (int m = 0; m < M; m++)
         for (int g = 0; g < K; g += 16)
             for (int i = 0; i < 8; i++) {
                 xf[(size_t)m * K + g + i] = load_x(x, xdt, (size_t)m * K + g + 2 * i);
                 xf[(size_t)m * K + g + 8 + i] = load_x(x, xdt, (size_t)m * K + g + 2 * i + 1);
             }
+    return 0;
 }
 
 /* out[r] = dot(w row r, xf) for R (1..4) consecutive rows. */
-static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, float *out) {
+static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, float *out, int lo_used) {
+    (void)lo_used;
 #ifdef __AVX2__
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
@@ -138,18 +192,20 @@ static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, f
 #endif
 }
 
+#endif
+
 int lk_linear_bf16(const void *x, int xdt, const uint16_t *w, const float *bias, void *y, int ydt,
                    int M, int N, int K) {
     float *xf = (float *)malloc(sizeof(float) * (size_t)M * K);
     if (!xf) return -1;
-    bf16_prepare_x(x, xdt, M, K, xf);
+    int lo_used = bf16_prepare_x(x, xdt, M, K, xf);
     int tiles = (N + 3) / 4;
 #pragma omp parallel for schedule(dynamic, 8)
     for (int t = 0; t < tiles; t++) {
         int n0 = t * 4, R = N - n0 < 4 ? N - n0 : 4;
         float out[4];
         for (int m = 0; m < M; m++) {
-            bf16_rows(w + (size_t)n0 * K, xf + (size_t)m * K, K, R, out);
+            bf16_rows(w + (size_t)n0 * K, xf + (size_t)m * K, K, R, out, lo_used);
             for (int r = 0; r < R; r++)
                 store_y(y, ydt, (size_t)m * N + n0 + r, out[r] + (bias ? bias[n0 + r] : 0.f));
         }
@@ -221,7 +277,10 @@ static void qtile8(int bits, const uint8_t *tile, const uint16_t *tscales, int G
     size_t block_bytes = bits == 8 ? 256 : 128;
 #ifdef __AVX2__
     __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+#ifndef LK_VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
     int si = 0, left = per;
     for (int b = 0; b < nb; b++) {
         const uint8_t *wb = tile + (size_t)b * block_bytes;
@@ -235,10 +294,22 @@ static void qtile8(int bits, const uint8_t *tile, const uint16_t *tscales, int G
             s32 = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wb + c * 32));
+#ifdef LK_VNNI
+                s32 = _mm256_dpbusd_epi32(s32, _mm256_set1_epi32(ac[c]), _mm256_sign_epi8(v, _mm256_set1_epi32(xc[c])));
+#else
                 __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(ac[c]), _mm256_sign_epi8(v, _mm256_set1_epi32(xc[c])));
                 s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+#endif
             }
         } else {
+#ifdef LK_VNNI
+            s32 = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * 32));
+                s32 = _mm256_dpbusd_epi32(s32, _mm256_and_si256(v, low), _mm256_set1_epi32(xc[j]));
+                s32 = _mm256_dpbusd_epi32(s32, _mm256_and_si256(_mm256_srli_epi16(v, 4), low), _mm256_set1_epi32(xc[j + 4]));
+            }
+#else
             __m256i s16 = _mm256_setzero_si256();
             for (int j = 0; j < 4; j++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * 32));
@@ -247,6 +318,7 @@ static void qtile8(int bits, const uint8_t *tile, const uint16_t *tscales, int G
                                                                  _mm256_set1_epi32(xc[j + 4])));
             }
             s32 = _mm256_madd_epi16(s16, ones);
+#endif
             corr = _mm256_fmadd_ps(ws, _mm256_set1_ps(xd8[b]), corr);
         }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(xd[b])), acc);
@@ -463,7 +535,8 @@ typedef struct {
     const lk_linear *m;
     const float *x; /* (B, k) float, already rounded to the model dtype */
     float *y;       /* (B, n) */
-    float *xf;      /* bf16 kind: x reordered for the kernel */
+    float *xf;      /* bf16 kind: x laid out for the kernel (bf16_prepare_x) */
+    int lo_used;    /* bf16 kind: what bf16_prepare_x returned */
     qx xq;          /* int8 / int4 kinds: x quantised */
 } job;
 
@@ -473,7 +546,7 @@ static void job_prepare(job *j, int B, char *scratch, const job *same) {
     const lk_linear *m = j->m;
     if (m->kind == 16) {
         j->xf = (float *)scratch;
-        bf16_prepare_x(j->x, 0, B, m->k, j->xf);
+        j->lo_used = bf16_prepare_x(j->x, 0, B, m->k, j->xf);
     } else if (m->kind == 8 || m->kind == 4) {
         if (same) { /* q, k and v (gate and up) read the same input: quantise it once */
             j->xq = same->xq;
@@ -491,7 +564,7 @@ static void job_rows(const job *j, int B, int n0, int R, int dt, int bias_dt) {
     for (int b = 0; b < B; b++) {
         float out[8];
         if (m->kind == 16) {
-            bf16_rows((const uint16_t *)m->w + (size_t)n0 * K, j->xf + (size_t)b * K, K, R, out);
+            bf16_rows((const uint16_t *)m->w + (size_t)n0 * K, j->xf + (size_t)b * K, K, R, out, j->lo_used);
         } else if (m->kind == 32) {
             for (int r = 0; r < R; r++) out[r] = f32_dot((const float *)m->w + (size_t)(n0 + r) * K, j->x + (size_t)b * K, K);
         } else {

@@ -19,16 +19,31 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no C compile
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS])
-def test_bfloat16_kernel_matches_the_float32_product(rows):
+@pytest.mark.parametrize("k", [96, 80])  # 80: a last half block of 16 for the 32-wide AVX512-BF16 path
+def test_bfloat16_kernel_matches_the_float32_product(rows, k):
     torch.manual_seed(0)
-    linear = FastLinear.wrap(nn.Linear(96, 53).to(torch.bfloat16).requires_grad_(False))  # 53: a ragged last tile
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    linear = FastLinear.wrap(nn.Linear(k, 53).to(torch.bfloat16).requires_grad_(False))  # 53: a ragged last tile
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
     with torch.inference_mode():
         got = linear(x)
     want = x.float() @ linear.weight.float().T + linear.bias.float()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 53)
     # float32 sums in another order, rounded once to bfloat16: at most one bfloat16 step from the exact value
     assert bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all())
+
+
+@needs_native
+def test_bfloat16_weights_keep_float32_activations_exact():
+    from llavakit import native as lib_module
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 80).to(torch.bfloat16)
+    x = torch.randn(2, 80) * 1e-3 + 1.0  # values bfloat16 cannot hold: a kernel rounding x would miss by ~1e-3
+    y = torch.empty(2, 24)
+    lib = lib_module.library()
+    assert lib.lk_linear_bf16(x.data_ptr(), 0, w.view(torch.int16).data_ptr(), None, y.data_ptr(), 0, 2, 24, 80) == 0
+    want = x.double() @ w.double().T
+    assert float((y.double() - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
 def _answers(vlm, conv, n=12):
