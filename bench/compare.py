@@ -549,6 +549,24 @@ def checkpoint_dir(cache: Path, preset: str, layers: int | None, dtype: str) -> 
     return cache / f"{preset}-{layers or 'all'}-{dtype}"
 
 
+def cached_checkpoint(cache: Path, preset: str, layers: int | None, dtype: str) -> Path:
+    """The random checkpoint of these settings (`checkpoint_dir`), built the first time. It is
+    built beside its place and renamed when complete, so an interrupted build is redone."""
+    ckpt = checkpoint_dir(cache, preset, layers, dtype)
+    if not (ckpt / "config.json").is_file():
+        import torch
+
+        from llavakit.random_init import make_random_checkpoint
+
+        print(f"building {ckpt.name} ...", file=sys.stderr)
+        building = ckpt.with_name(ckpt.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
+        make_random_checkpoint(building, preset, layers=layers, dtype=getattr(torch, dtype))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        building.rename(ckpt)
+    return ckpt
+
+
 def _flags(args) -> list[str]:
     out = []
     for flag in ("preset", "dtype", "runs", "throughput_runs", "new_tokens", "concurrent_new_tokens", "threads",
@@ -597,17 +615,8 @@ def main() -> int:
         rec.write()
         return 0
 
-    from llavakit.random_init import make_random_checkpoint
-
     end = None if args.time_limit is None else started + args.time_limit
-    ckpt = checkpoint_dir(args.cache, args.preset, args.layers, args.dtype)
-    if not (ckpt / "config.json").is_file():
-        print(f"building {ckpt.name} ...", file=sys.stderr)
-        building = ckpt.with_name(ckpt.name + ".building")  # renamed when complete: an interrupted build is redone
-        shutil.rmtree(building, ignore_errors=True)
-        make_random_checkpoint(building, args.preset, layers=args.layers, dtype=getattr(torch, args.dtype))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        building.rename(ckpt)
+    ckpt = cached_checkpoint(args.cache, args.preset, args.layers, args.dtype)
     machine = machine_limits(args.device)
     weights = weight_bytes(ckpt)
     warm_page_cache(ckpt)

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from compare import _rss_mb, checkpoint_dir  # noqa: E402
+from compare import _rss_mb, cached_checkpoint  # noqa: E402
 
 
 def main() -> int:
@@ -43,15 +43,10 @@ def main() -> int:
     from PIL import Image
 
     import llavakit
-    from llavakit.random_init import make_random_checkpoint
-
     torch.set_num_threads(args.threads)
     model = args.model
     if model is None:
-        folder = checkpoint_dir(args.cache, args.preset, None, args.dtype)
-        if not (folder / "config.json").exists():
-            make_random_checkpoint(folder, args.preset, dtype=getattr(torch, args.dtype))
-        model = str(folder)
+        model = str(cached_checkpoint(args.cache, args.preset, None, args.dtype))
     vlm = llavakit.load(model, dtype=args.dtype)
     w, h = (int(x) for x in args.size.split("x"))
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -145,9 +145,7 @@ def tensor_parallel_check(n: int, device: str, work: Path, cache: Path, small: s
                                          "detail": "2 requests x 24 tokens " + ("equal" if same else "DIFFER")}}
         tp.close()
         del one, tp
-        ckpt = compare.checkpoint_dir(cache, small, layers, "bfloat16")
-        if not (ckpt / "config.json").is_file():
-            make_random_checkpoint(ckpt, preset=small, layers=layers, dtype=torch.bfloat16)
+        ckpt = compare.cached_checkpoint(cache, small, layers, "bfloat16")
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         prompt = [300 + (i * 7919) % min(vocab - 300, 20000) for i in range(1024)]
         for size in (1, n):

@@ -26,7 +26,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from compare import _sync  # noqa: E402  (bench/compare.py: wait for queued GPU work)
+from compare import _sync, cached_checkpoint  # noqa: E402  (bench/compare.py: GPU sync; the random checkpoint)
 
 
 class StaticDecoder:
@@ -141,11 +141,8 @@ def main() -> int:
         print("torch sees no CUDA device.", file=sys.stderr)
         return 2
     import llavakit
-    from llavakit.random_init import make_random_checkpoint
 
-    ckpt = args.cache / f"{args.preset}-{args.layers or 'all'}-bfloat16"
-    if not (ckpt / "config.json").is_file():
-        make_random_checkpoint(ckpt, args.preset, layers=args.layers, dtype=torch.bfloat16)
+    ckpt = cached_checkpoint(args.cache, args.preset, args.layers, "bfloat16")
     vlm = llavakit.load(ckpt, dtype=torch.bfloat16, device=args.device)
     prompt = list(range(300, 300 + args.prompt_tokens))
     result = run(vlm, prompt, args.tokens, args.runs, args.device)

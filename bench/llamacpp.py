@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from compare import _rss_mb  # noqa: E402  (bench/compare.py: VmRSS/VmHWM of this process in MB)
+from compare import _rss_mb, cached_checkpoint  # noqa: E402  (bench/compare.py: VmRSS/VmHWM in MB; the random checkpoint)
 PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 AGREE_TOKENS = 16
 
@@ -402,19 +401,8 @@ def main() -> int:
     if args.worker:
         return worker(args)
 
-    import torch
-
-    from llavakit.random_init import make_random_checkpoint
-
-    stem = f"{args.preset}-{args.layers or 'all'}-bfloat16"
-    ckpt = args.cache / stem
-    if not (ckpt / "config.json").is_file():
-        print(f"building {ckpt.name} ...", file=sys.stderr)
-        building = ckpt.with_name(ckpt.name + ".building")
-        shutil.rmtree(building, ignore_errors=True)
-        make_random_checkpoint(building, args.preset, layers=args.layers, dtype=torch.bfloat16)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        building.rename(ckpt)
+    ckpt = cached_checkpoint(args.cache, args.preset, args.layers, "bfloat16")
+    stem = ckpt.name
     pairs = [x.strip() for x in args.pairs.split(",") if x.strip()]
     unknown = [x for x in pairs if x not in PAIRS]
     if unknown:

@@ -13,13 +13,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from compare import cached_checkpoint  # noqa: E402
 from llamacpp import LlavakitEngine, machine_info  # noqa: E402
 
 
@@ -38,11 +38,9 @@ def main() -> int:
 
     from llavakit.model import quant
 
-    ckpt = args.cache / f"{args.preset}-all-bfloat16"
-    if not (ckpt / "config.json").is_file():
-        sys.exit(f"{ckpt} is missing: build it with llavakit make-random --preset {args.preset} --dtype bfloat16 "
-                 f"--out {ckpt}")
-    ids = np.random.default_rng(0).integers(300, 20000, args.prefill_tokens).tolist()
+    ckpt = cached_checkpoint(args.cache, args.preset, None, "bfloat16")
+    vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
+    ids = np.random.default_rng(0).integers(300, min(vocab, 20000), args.prefill_tokens).tolist()
     native = quant.native
     off = types.SimpleNamespace(library=lambda: None)  # quant.py's unpacking only: the kernels stay
     rows = []
@@ -55,9 +53,9 @@ def main() -> int:
                 quant.native = native if way == "native" else off
                 times[way].append(engine.prefill(ids))
         quant.native = native
-        row = {"pair": pair, **{f"{k}_s": round(statistics.median(v), 2) for k, v in times.items()},
-               "runs": times}
-        row["speedup"] = round(row["pytorch_s"] / row["native_s"], 3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"pair": pair, **{f"{k}_s": round(v, 3) for k, v in med.items()}, "runs": times,
+               "speedup": round(med["pytorch"] / med["native"], 3)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del engine

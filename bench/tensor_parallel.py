@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
-from compare import checkpoint_dir  # noqa: E402
+from compare import cached_checkpoint  # noqa: E402
 from llamacpp import LlavakitEngine, Worker, machine_info  # noqa: E402
 
 from llavakit.families.base import CLIP_L14_336  # noqa: E402
@@ -110,13 +110,7 @@ def memory_worker(args) -> int:
 
 
 def run_speed(args) -> int:
-    ckpt = checkpoint_dir(args.cache, args.preset, args.layers, "bfloat16")
-    if not (ckpt / "config.json").is_file():
-        import torch
-
-        from llavakit.random_init import make_random_checkpoint
-
-        make_random_checkpoint(ckpt, preset=args.preset, layers=args.layers, dtype=torch.bfloat16)
+    ckpt = cached_checkpoint(args.cache, args.preset, args.layers, "bfloat16")
     vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
     rng = np.random.default_rng(0)
     prompt = rng.integers(300, min(vocab, 20000), args.prompt_tokens).tolist()

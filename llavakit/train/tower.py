@@ -148,11 +148,6 @@ def free_views(rng: random.Random, side: int, pinpoints) -> list[tuple[np.ndarra
     return views
 
 
-def free_view(rng: random.Random, side: int, pinpoints) -> tuple[np.ndarray, list]:
-    """One view of `free_views`, chosen at random."""
-    return rng.choice(free_views(rng, side, pinpoints))
-
-
 def _resize(hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     return np.asarray(Image.fromarray(hwc).resize((w, h), Image.BICUBIC, reducing_gap=None))
@@ -228,26 +223,23 @@ def _features(tower: VisionTower, pixels: torch.Tensor) -> torch.Tensor:
     return feats[:, 1:] if tower.cfg.has_class_token else feats
 
 
-def _accuracy(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
-    pixels, labels = test[:2]
+def _scores(tower: VisionTower, what: torch.nn.Linear, centre: torch.nn.Linear, test) -> dict:
+    """Held-out token, shape and kind accuracies of the "what" head; with the free world's centres
+    in `test`, also the mean distance (a share of the view's side) between predicted and true
+    centres of labelled patches' shapes."""
+    pixels, labels, *centres = test
     with torch.no_grad():
-        pred = head(_features(tower, pixels)).argmax(-1)
-    held = labels > 0
-    kinds = len(S.KINDS)
-    return {"token_accuracy": (pred == labels).float().mean().item(),
-            "shape_accuracy": (pred[held] == labels[held]).float().mean().item(),
-            "kind_accuracy": ((pred[held] > 0) & ((pred[held] - 1) % kinds == (labels[held] - 1) % kinds))
-            .float().mean().item()}
-
-
-def _centre_error(tower: VisionTower, head: torch.nn.Linear, test) -> dict:
-    """Mean distance, as a share of the view's side, between the predicted and true centres of
-    labelled patches' shapes."""
-    pixels, labels, centres = test
-    with torch.no_grad():
-        pred = head(_features(tower, pixels))
-    held = labels > 0
-    return {"centre_error": (pred[held] - centres[held]).norm(dim=-1).mean().item()}
+        feats = _features(tower, pixels)
+        pred = what(feats).argmax(-1)
+        held = labels > 0
+        kinds = len(S.KINDS)
+        out = {"token_accuracy": (pred == labels).float().mean().item(),
+               "shape_accuracy": (pred[held] == labels[held]).float().mean().item(),
+               "kind_accuracy": ((pred[held] > 0) & ((pred[held] - 1) % kinds == (labels[held] - 1) % kinds))
+               .float().mean().item()}
+        if centres:
+            out["centre_error"] = (centre(feats)[held] - centres[0][held]).norm(dim=-1).mean().item()
+    return out
 
 
 def _check_spec(vision: str, world: str = "grid") -> dict:
@@ -280,7 +272,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     (also written as train_summary.json): losses and held-out token accuracies.
 
     world "grid": 96-px grid pictures, one class per patch (the shape whose centre it holds).
-    world "free": the views the processor makes of free-world pictures (`free_view`), each patch
+    world "free": the views the processor makes of free-world pictures (`free_views`), each patch
     labelled with the shape covering most of it (`patch_labels`).
     `workers` processes draw the pictures beside the training (0: in this process); the same
     arguments give the same weights (pictures come from a generator seeded by `seed`).
@@ -317,30 +309,32 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     batches = iter(torch.utils.data.DataLoader(_Batches(draw, f"tower/{seed}/train", batch_size), batch_size=None,
                                                num_workers=workers, prefetch_factor=4 if workers else None))
-    status = StatusLine() if progress else None
-    start, first, loss = time.monotonic(), None, None
-    for step in range(1, steps + 1):
-        pixels, labels, *centres = next(batches)
-        feats = _features(tower, pixels)
-        loss = F.cross_entropy(what(feats).flatten(0, 1), labels.flatten()) + F.cross_entropy(where(feats).flatten(0, 1), place.repeat(len(pixels)))
-        if centres:
-            held = labels > 0
-            # in tenths of the view, so that a miss of a tenth weighs about as much as a wrong class
-            loss = loss + F.smooth_l1_loss(centre(feats)[held] * 10, centres[0][held] * 10)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        first = loss.item() if first is None else first
-        if status is not None:
-            elapsed = time.monotonic() - start
-            status.show(f"[{step}/{steps}] loss {loss.item():.4f} | {clock(elapsed)} < "
-                        f"{clock(elapsed / step * (steps - step))}", force=step == steps)
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-               "seconds": round(time.monotonic() - start, 1), "first_loss": first, "final_loss": loss.item(),
-               "world": world, **_accuracy(tower, what, test), **(_centre_error(tower, centre, test) if free else {})}
-    torch.set_num_threads(threads)
+    try:
+        status = StatusLine() if progress else None
+        start, first, loss = time.monotonic(), None, None
+        for step in range(1, steps + 1):
+            pixels, labels, *centres = next(batches)
+            feats = _features(tower, pixels)
+            loss = F.cross_entropy(what(feats).flatten(0, 1), labels.flatten()) + F.cross_entropy(where(feats).flatten(0, 1), place.repeat(len(pixels)))
+            if centres:
+                held = labels > 0
+                # in tenths of the view, so that a miss of a tenth weighs about as much as a wrong class
+                loss = loss + F.smooth_l1_loss(centre(feats)[held] * 10, centres[0][held] * 10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            first = loss.item() if first is None else first
+            if status is not None:
+                elapsed = time.monotonic() - start
+                status.show(f"[{step}/{steps}] loss {loss.item():.4f} | {clock(elapsed)} < "
+                            f"{clock(elapsed / step * (steps - step))}", force=step == steps)
+        summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                   "seconds": round(time.monotonic() - start, 1), "first_loss": first, "final_loss": loss.item(),
+                   "world": world, **_scores(tower, what, centre, test)}
+    finally:  # a failed run leaves the caller its thread count
+        torch.set_num_threads(threads)
     save_tower(tower, Path(out), cfg_dict)
     (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

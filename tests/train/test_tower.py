@@ -177,12 +177,13 @@ def test_free_patch_targets_give_every_token_of_a_shape_its_whole_centre():
 
 def test_free_views_follow_the_processor_and_hold_their_shapes():
     from llavakit.train.assemble import _pinpoints
-    from llavakit.train.tower import free_view
+    from llavakit.train.tower import free_views
 
     rng = random.Random(5)
     seen = 0
-    for _ in range(40):
-        hwc, shapes = free_view(rng, 64, _pinpoints("llava_onevision", 64))
+    views = [v for _ in range(15) for v in free_views(rng, 64, _pinpoints("llava_onevision", 64))]
+    assert len(views) >= 30  # several views of each drawn picture
+    for hwc, shapes in views:
         assert hwc.shape == (64, 64, 3) and hwc.dtype.name == "uint8"
         for color, kind, (x0, y0, x1, y1) in shapes:
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
