@@ -14,6 +14,7 @@ later question is asked only when its answer cannot be copied or worked out from
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -314,11 +315,55 @@ def _told(known: Known, ask: Ask, target: Ask) -> bool:
     return after.answered(target)
 
 
-def question(rng: random.Random, ask: Ask, held_out: bool) -> str:
-    """`ask` in one of its wordings: a held-out one (test only) or one of the others."""
+# Surface variety for training questions. A decoder trained from scratch on nine wordings per type
+# learns the wordings, not the words that matter: asked in a new one, it answered another type's
+# question about a third of the time. Varying the words around the content (synonyms, a lead-in, a
+# tail, case, punctuation) teaches it to read "how many", "colour", "where", "left or right".
+VARY_SHARE = 0.6  # share of training questions that get varied
+SYNONYMS = (("picture", "image", "photo", "scene", "drawing"), ("pictures", "images", "photos"),
+            ("shapes", "objects", "figures", "items"), ("shape", "object", "figure", "item"),
+            ("colour", "color", "shade"), ("move", "go"), ("moving", "going"), ("moves", "goes"),
+            ("Describe", "Summarise", "Summarize"), ("Tell me", "Say", "Show me"))
+LEAD_INS = ("Please tell me: ", "Quick question: ", "Look at it closely. ", "Now, ", "And ", "OK, ", "Next: ",
+            "One more thing: ", "Hey, ", "I would like to know: ", "Question: ", "So, ", "Alright. ", "Well, ")
+TAILS = (" Answer briefly.", " Thanks.", " Be precise.", " One sentence, please.", " Please answer.",
+         " Keep it short.")
+_SWAP = {word: group for group in SYNONYMS for word in group}
+_WORD = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _SWAP), key=len, reverse=True)) + r")\b")
+
+
+def vary(rng: random.Random, template: str) -> str:
+    """`template` in other words around its content: synonyms, maybe a lead-in or a tail, case, punctuation.
+
+    Works on the unformatted template, so a shape's name in `{name}` is never touched.
+    """
+    text = _WORD.sub(lambda m: rng.choice(_SWAP[m.group(1)]) if rng.random() < 0.5 else m.group(1), template)
+    if rng.random() < 0.4:
+        lead = rng.choice(LEAD_INS)
+        text = lead + (text if lead.endswith(". ") or text.startswith("I ") else text[0].lower() + text[1:])
+    if rng.random() < 0.2:
+        text += rng.choice(TAILS)
+    if rng.random() < 0.15:
+        text = text.lower()
+    if rng.random() < 0.15:
+        text = text.rstrip("?.")
+    return text
+
+
+def question(rng: random.Random, ask: Ask, held_out: bool, varied: bool = False) -> str:
+    """`ask` in one of its wordings: a held-out one (test only) or one of the others.
+
+    `varied` (training only) words a share of them differently (see `vary`); a varied wording that
+    happens to equal a held-out one is not used, so held-out wordings stay unseen in training.
+    """
     options = WORDINGS[ask.key]
     options = options[-HELD_OUT:] if held_out else options[:-HELD_OUT]
-    return rng.choice(options).format(**dict(ask.slots))
+    template = rng.choice(options)
+    if varied and rng.random() < VARY_SHARE:
+        other = vary(rng, template)
+        if other not in WORDINGS[ask.key][-HELD_OUT:]:
+            template = other
+    return template.format(**dict(ask.slots))
 
 
 class Balance:

@@ -448,19 +448,21 @@ def _picture_line(id_: str, image: str, jpeg: bool, scene: Scene, plan: list[Ask
     return _line(id_, plan[-1].qtype, tags, "image", image, "<image>\n", turns, scene.to_json())
 
 
-def _compare_line(id_: str, images: list[str], jpegs: list[bool], scenes: list[Scene], rng, held_out: bool) -> dict:
+def _compare_line(id_: str, images: list[str], jpegs: list[bool], scenes: list[Scene], rng, held_out: bool,
+                  varied: bool = False) -> dict:
     more = "first" if len(scenes[0].shapes) > len(scenes[1].shapes) else "second"
-    text = question(rng, Ask("compare", "compare", (), (), "", more), held_out)
+    text = question(rng, Ask("compare", "compare", (), (), "", more), held_out, varied)
     tags = [t for s in scenes for t in size_tags(s.width, s.height)] + (["jpeg"] if any(jpegs) else [])
     tags += ["paraphrase"] if held_out else []
     return _line(id_, "compare", tags, "image", images, "<image>\n<image>\n",
                  [(text, compare_answer(more))], _pair_fields(scenes))
 
 
-def _motion_line(id_: str, video: str, scene: Scene, boxes, direction: str, rng, held_out: bool) -> dict:
+def _motion_line(id_: str, video: str, scene: Scene, boxes, direction: str, rng, held_out: bool,
+                 varied: bool = False) -> dict:
     shape = scene.shapes[0]
     name = f"{shape.color} {shape.kind}"  # as the spec's example: the clip's one shape by colour and kind
-    text = question(rng, Ask("motion", "motion", (), (("name", name),), "", direction), held_out)
+    text = question(rng, Ask("motion", "motion", (), (("name", name),), "", direction), held_out, varied)
     tags = size_tags(scene.width, scene.height) + (["paraphrase"] if held_out else [])
     return _line(id_, "motion", tags, "video", video, "<video>\n", [(text, motion_answer(name, direction))],
                  {**scene.to_json(), "boxes": [list(b) for b in boxes]})
@@ -491,14 +493,15 @@ def _write_train(w: _Writer, n: int, n_compare: int, n_videos: int, per_image: i
             jpegs.append(jpeg)
             asks = asks_for(scene)
             first = asks[0]
-            _dump(caps, _picture_line(name, image, jpeg, scene, [first], [question(rng, first, False)], False))
+            caption = question(rng, first, False, varied=True)
+            _dump(caps, _picture_line(name, image, jpeg, scene, [first], [caption], False))
             # each line opens with a different type, so one picture's lines are not the same question
             openers = sorted({a.qtype for a in asks}, key=PICTURE_TYPES.index)
             for k in range(min(per_image, len(openers))):
                 opener = rng.choices(openers, weights=[TRAIN_WEIGHTS[t] for t in openers])[0]
                 openers.remove(opener)
                 plan = plan_turns(rng, scene, asks, _turns(rng, 0.25), first=opener)
-                questions = [question(rng, a, False) for a in plan]
+                questions = [question(rng, a, False, varied=True) for a in plan]
                 _dump(train, _picture_line(f"{name}-{k}", image, jpeg, scene, plan, questions, False))
                 stats["questions"][plan[-1].qtype] += 1
                 stats["turns"][str(len(plan))] += 1
@@ -517,7 +520,7 @@ def _write_train(w: _Writer, n: int, n_compare: int, n_videos: int, per_image: i
             if (counts[i] > counts[j]) != (k % 2 == 0):  # alternate: "first" and "second" balanced
                 i, j = j, i
             _dump(train, _compare_line(name, [images[i], images[j]], [jpegs[i], jpegs[j]], [scenes[i], scenes[j]],
-                                       rng, False))
+                                       rng, False, varied=True))
         directions = [DIRECTIONS[k % 4] for k in range(n_videos)]
         master.shuffle(directions)
         for k, direction in enumerate(directions):
@@ -525,7 +528,7 @@ def _write_train(w: _Writer, n: int, n_compare: int, n_videos: int, per_image: i
             rng = w.rng(name)
             scene, boxes = sample_clip(rng, direction)
             video = w.clip(name, scene, boxes, "train")
-            _dump(train, _motion_line(name, video, scene, boxes, direction, rng, False))
+            _dump(train, _motion_line(name, video, scene, boxes, direction, rng, False, varied=True))
     stats["questions"]["compare"] += n_compare
     stats["questions"]["motion"] += n_videos
     stats["turns"]["1"] += n_compare + n_videos

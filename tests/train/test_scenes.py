@@ -69,12 +69,45 @@ def _pattern(template: str) -> re.Pattern:
 PATTERNS = [(key, i, _pattern(t)) for key, options in WORDINGS.items() for i, t in enumerate(options)]
 
 
-def template_of(question: str) -> tuple[str, bool, dict]:
-    """(wordings key, whether the wording is held out, the names it filled in); exactly one template fits."""
+def canonical(text: str) -> str:
+    """A training question with its variety undone: no lead-in or tail, lower case, each synonym as its group's first."""
+    from llavakit.train.scene_questions import LEAD_INS, SYNONYMS, TAILS
+
+    low = text.lower()
+    for lead in LEAD_INS:
+        if low.startswith(lead.lower()):
+            low = low[len(lead):]
+            break
+    low = low.rstrip("?.")
+    for tail in TAILS:
+        if low.endswith(tail.lower().rstrip("?.")):
+            low = low[: -len(tail.rstrip("?."))].rstrip("?.")
+            break
+    for group in SYNONYMS:
+        low = re.sub(r"\b(" + "|".join(re.escape(w.lower()) for w in group) + r")\b", group[0].lower(), low)
+    return low
+
+
+CANONICAL = [(key, i, _pattern(canonical(t))) for key, options in WORDINGS.items() for i, t in enumerate(options)]
+
+
+def template_of(question: str, exact: bool = False) -> tuple[str, bool, dict]:
+    """(wordings key, whether the wording is held out, the names it filled in).
+
+    An exact wording fits exactly one template. A varied training wording (not allowed with `exact`)
+    fits one or more templates of one key once its variety is undone, and is never held out.
+    """
     hits = [(key, i, m.groupdict()) for key, i, p in PATTERNS if (m := p.fullmatch(question))]
-    assert len(hits) == 1, (question, hits)
-    key, i, fields = hits[0]
-    return key, i >= len(WORDINGS[key]) - HELD, fields
+    if hits or exact:
+        assert len(hits) == 1, (question, hits)
+        key, i, fields = hits[0]
+        return key, i >= len(WORDINGS[key]) - HELD, fields
+    hits = [(key, i, m.groupdict()) for key, i, p in CANONICAL if (m := p.fullmatch(canonical(question)))]
+    assert hits and len({key for key, _, _ in hits}) == 1, (question, canonical(question), hits)
+    key, _, fields = hits[0]
+    held = {t.format(**fields) for t in WORDINGS[key][-HELD:]}
+    assert question not in held, question
+    return key, False, fields
 
 
 def resolve(name: str, shapes: list[dict]) -> int:
@@ -378,6 +411,25 @@ def test_conversations_never_repeat_a_fact():
     assert checked[4] > 100  # most run the full 4 turns: the rule leaves enough to ask
 
 
+def test_training_questions_varied_test_questions_exact(world):
+    """About VARY_SHARE of training questions leave their template's words; test questions never do."""
+    from llavakit.train.scene_questions import VARY_SHARE, vary
+
+    _, _, data = world
+    exact = Counter()
+    for name in ("train.jsonl", "test.jsonl"):
+        for line in data[name]:
+            for question, _ in picture_turns(line):
+                exact[name, any(p.fullmatch(question) for _, _, p in PATTERNS)] += 1
+    assert exact["test.jsonl", False] == 0 and exact["test.jsonl", True] > 100
+    share = exact["train.jsonl", False] / (exact["train.jsonl", False] + exact["train.jsonl", True])
+    assert 0.5 * VARY_SHARE <= share <= VARY_SHARE, share  # some varied ones come out unchanged
+    rng = random.Random(0)
+    variants = {vary(rng, "How many shapes are in the picture?") for _ in range(300)}
+    assert len(variants) > 100 and "{name}" in vary(rng, "Where is the {name}?")
+    assert {canonical(v) for v in variants} == {canonical("How many shapes are in the picture?")}
+
+
 def test_what_follows_is_known():
     """A reader works out relations and places: such questions are not asked afterwards."""
     def shape(color, kind, x, y, side=40):
@@ -404,7 +456,7 @@ def test_tags_wordings_and_balance(world):
     _, summary, data = world
     for name, line in all_lines(data):
         turns = picture_turns(line)
-        keys = [template_of(q) for q, _ in turns]
+        keys = [template_of(q, exact=name == "test.jsonl") for q, _ in turns]
         held = [h for _, h, _ in keys]
         if name != "test.jsonl":
             assert not any(held), line["id"]  # held-out wordings only in test
@@ -431,7 +483,8 @@ def test_tags_wordings_and_balance(world):
     assert answers["compare", "shapes."] == 20
     train = [line for line in data["train.jsonl"] if line["type"] in QUESTION_TYPES[:5]]
     single = sum(len(line["conversations"]) == 2 for line in train) / len(train)
-    assert 0.3 <= single <= 0.7 and max(len(line["conversations"]) for line in train) > 4
+    # one turn in about 0.30 of lines (a quarter asked so, plus plans the rule cuts short); ~100 lines here
+    assert 0.2 <= single <= 0.45 and max(len(line["conversations"]) for line in train) > 4
     assert {line["type"] for line in train} == set(QUESTION_TYPES[:5])
 
 
