@@ -66,12 +66,32 @@ def _describe(linear: nn.Module, dtype: torch.dtype) -> tuple[_Linear, list[str]
     return desc, names + ["bias"]
 
 
+def _entry(owner: nn.Module, name: str, value) -> tuple[dict, str, object, int | None]:
+    """(the dict of `owner` that holds `name`, name, value, its data pointer if a tensor) for a cheap check."""
+    for d in (owner._parameters, owner._buffers, owner._modules, owner.__dict__):
+        if name in d:
+            return d, name, value, value.data_ptr() if isinstance(value, torch.Tensor) else None
+    return _Lookup(owner), name, value, None  # a property or class attribute: looked up each time
+
+
+class _Lookup:
+    """A module's attribute looked up as a dict would be (the slow way, for what no dict holds)."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+
+    def get(self, name: str):
+        return getattr(self.owner, name, None)
+
+
 class FusedDecoder:
     """The native decode step of one TextModel; built from its current weights, rebuilt if they change."""
 
     def __init__(self, text: TextModel):
         self.text = text
-        # (dtype, [(owner, attribute, value)] for every module and tensor the structs were built from, the structs)
+        # (dtype, [(dict, key, value, data pointer)] for every module and tensor the structs were built
+        # from, the structs): checked before every step, so it reads the modules' own dicts (nn.Module
+        # attribute lookups for ~700 entries took about a millisecond a token)
         self._built: tuple | None = None
 
     def _build(self, dtype: torch.dtype):
@@ -97,13 +117,14 @@ class FusedDecoder:
         return held, layers
 
     def _layers(self, dtype: torch.dtype):
-        """The structs, rebuilt when any weight they point into was replaced (a load, a `.to()`)."""
+        """The structs, rebuilt when any weight they point into was replaced or moved (a load, a `.to()`)."""
         if self._built is not None:
             built_dtype, held, layers = self._built
-            if built_dtype == dtype and all(getattr(owner, name) is value for owner, name, value in held):
+            if built_dtype == dtype and all(d.get(key) is value and (ptr is None or value.data_ptr() == ptr)
+                                            for d, key, value, ptr in held):
                 return layers
         built = self._build(dtype)
-        self._built = None if built is None else (dtype, *built)
+        self._built = None if built is None else (dtype, [_entry(*h) for h in built[0]], built[1])
         return None if built is None else built[1]
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep) -> torch.Tensor | None:

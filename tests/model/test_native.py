@@ -105,6 +105,21 @@ def test_fused_step_follows_replaced_weights(checkpoint):
     assert fused == plain and fused != before
 
 
+def test_fused_step_follows_weights_moved_in_place(checkpoint):
+    """`param.data = ...` (what `.to()` does) keeps the Parameter and moves its storage: the step must see it."""
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
+    before = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    weight = vlm.model.language_model.layers[0].self_attn.o_proj.weight
+    weight.data = torch.zeros_like(weight)
+    vlm.engine.clear_caches()
+    fused = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    vlm.model.language_model.fused_decode = None
+    vlm.engine.clear_caches()
+    plain = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    assert fused == plain and fused != before
+
+
 def test_no_compiler_means_the_pytorch_path(monkeypatch, tmp_path, caplog, checkpoint):
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_lib", None)
