@@ -66,22 +66,21 @@ def _describe(linear: nn.Module, dtype: torch.dtype) -> tuple[_Linear, list[str]
     return desc, names + ["bias"]
 
 
-def _entry(owner: nn.Module, name: str, value) -> tuple[dict, str, object, int | None]:
-    """(the dict of `owner` that holds `name`, name, value, its data pointer if a tensor) for a cheap check."""
-    for d in (owner._parameters, owner._buffers, owner._modules, owner.__dict__):
-        if name in d:
-            return d, name, value, value.data_ptr() if isinstance(value, torch.Tensor) else None
-    return _Lookup(owner), name, value, None  # a property or class attribute: looked up each time
+# Every parameter, buffer or submodule assigned anywhere in the process bumps this: the structs
+# are rebuilt when it moved since they were built. Walking the ~700 weights a step cost half a
+# millisecond a token (cold caches after the weights stream by); this check costs nothing.
+_assigned = 0
 
 
-class _Lookup:
-    """A module's attribute looked up as a dict would be (the slow way, for what no dict holds)."""
+def _bump(*_) -> None:
+    global _assigned
+    _assigned += 1
 
-    def __init__(self, owner: nn.Module):
-        self.owner = owner
 
-    def get(self, name: str):
-        return getattr(self.owner, name, None)
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_bump)
 
 
 class FusedDecoder:
@@ -89,9 +88,7 @@ class FusedDecoder:
 
     def __init__(self, text: TextModel):
         self.text = text
-        # (dtype, [(dict, key, value, data pointer)] for every module and tensor the structs were built
-        # from, the structs): checked before every step, so it reads the modules' own dicts (nn.Module
-        # attribute lookups for ~700 entries took about a millisecond a token)
+        # ((dtype, assignments so far, the TextModel's moves so far) when built, the structs)
         self._built: tuple | None = None
 
     def _build(self, dtype: torch.dtype):
@@ -117,15 +114,22 @@ class FusedDecoder:
         return held, layers
 
     def _layers(self, dtype: torch.dtype):
-        """The structs, rebuilt when any weight they point into was replaced or moved (a load, a `.to()`)."""
-        if self._built is not None:
-            built_dtype, held, layers = self._built
-            if built_dtype == dtype and all(d.get(key) is value and (ptr is None or value.data_ptr() == ptr)
-                                            for d, key, value, ptr in held):
-                return layers
+        """The structs, rebuilt when a weight they point into may have been replaced or moved.
+
+        Replaced: any module, parameter or buffer assignment (a load, a swapped layer). Moved: the
+        TextModel's `_apply` (`.to()`, `.float()`, ...), which gives parameters new storage in place.
+        A weight's storage swapped by hand (`param.data = t`) is not seen: call `invalidate()`.
+        """
+        key = (dtype, _assigned, self.text.weights_moved)
+        if self._built is not None and self._built[0] == key:
+            return self._built[1]
         built = self._build(dtype)
-        self._built = None if built is None else (dtype, [_entry(*h) for h in built[0]], built[1])
+        self._built = None if built is None else (key, built[1])
         return None if built is None else built[1]
+
+    def invalidate(self) -> None:
+        """Rebuild the structs before the next step (after changing a weight's storage by hand)."""
+        self._built = None
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep) -> torch.Tensor | None:
         """Final-normed hidden states (B, 1, D) of a single-token step, or None to run the PyTorch path."""

@@ -195,6 +195,11 @@ class TextModel(nn.Module):
         # A whole single-token step in one native call, when fused_decode.install() gave one: it
         # returns None for what it cannot take, and the layers below run instead.
         self.fused_decode = None
+        self.weights_moved = 0  # counts _apply calls: the native step's structs point into the old storage
+
+    def _apply(self, fn, recurse=True):
+        self.weights_moved += 1
+        return super()._apply(fn, recurse)
 
     def forward(
         self,

@@ -39,6 +39,9 @@
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of each weight row the kernels ask the cache for */
 #endif
+#ifndef Q256
+#define Q256 0 /* 1: the 256-bit tile kernel even where 512-bit VNNI is there (for comparison) */
+#endif
 #ifndef QPREFETCH
 #define QPREFETCH 16 /* blocks ahead of a quantised tile the kernels ask the cache for */
 #endif
@@ -304,8 +307,63 @@ static void quantize_x(const void *x, int xdt, int M, int K, qx out) {
  * the unsigned-by-signed 8-bit multiply-add exactly. int4: the stored nibble q + 8 is unsigned,
  * multiplies x directly (8 products per lane stay within int16), and 8 * sum(x) per block is
  * taken off at the end. */
+#if defined(LK_VNNI) && defined(__AVX512BW__)
+/* The same tile product in 512-bit registers: each load takes two 32-byte groups of the block (the
+ * 8 rows' bytes for two activation chunks), so a block needs half the loads and multiply-adds; the
+ * two halves' integer sums are added before the conversion, so the result equals the 256-bit
+ * path's to the bit. On a 2-core Zen 4 the int4 product was bound by instructions on one thread. */
+static void qtile8_512(int bits, const uint8_t *tile, const uint16_t *tscales, int G, const int8_t *xq,
+                       const uint8_t *xa, const float *xd, const float *xd8, int K, float *out) {
+    int per = G / QK, nb = K / QK, si = 0, left = per;
+    size_t block_bytes = bits == 8 ? 256 : 128;
+    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+    /* lanes 0-7 take activation chunk c, lanes 8-15 chunk c + 1 */
+    const __m512i pair[4] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                             _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+                             _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
+                             _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = tile + (size_t)b * block_bytes;
+        for (size_t line = 0; line < block_bytes; line += 64)
+            _mm_prefetch((const char *)wb + QPREFETCH * block_bytes + line, _MM_HINT_T0);
+        __m512i x = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QK)));
+        __m512i s0 = zero, s1 = zero;
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tscales + (size_t)si * 8)));
+        if (bits == 8) {
+            __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xa + (size_t)b * QK)));
+            for (int c = 0; c < 4; c++) {
+                __m512i v = _mm512_loadu_si512(wb + c * 64), xs = _mm512_permutexvar_epi32(pair[c], x);
+                v = _mm512_mask_sub_epi8(v, _mm512_movepi8_mask(xs), zero, v); /* w * sign(x) */
+                if (c & 1) s1 = _mm512_dpbusd_epi32(s1, _mm512_permutexvar_epi32(pair[c], a), v);
+                else s0 = _mm512_dpbusd_epi32(s0, _mm512_permutexvar_epi32(pair[c], a), v);
+            }
+        } else { /* bytes 0-63: low nibbles chunks 0, 1, high nibbles 4, 5; bytes 64-127: 2, 3 and 6, 7 */
+            __m512i v0 = _mm512_loadu_si512(wb), v1 = _mm512_loadu_si512(wb + 64);
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v0, low), _mm512_permutexvar_epi32(pair[0], x));
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low), _mm512_permutexvar_epi32(pair[2], x));
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v1, low), _mm512_permutexvar_epi32(pair[1], x));
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low), _mm512_permutexvar_epi32(pair[3], x));
+            corr = _mm256_fmadd_ps(ws, _mm256_set1_ps(xd8[b]), corr);
+        }
+        __m512i s = _mm512_add_epi32(s0, s1);
+        __m256i s32 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(xd[b])), acc);
+        if (--left == 0) { si++; left = per; }
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, corr));
+}
+#define LK_Q512 1
+#endif
+
 static void qtile8(int bits, const uint8_t *tile, const uint16_t *tscales, int G, const int8_t *xq, const uint8_t *xa,
                    const float *xd, const float *xd8, int K, float *out) {
+#ifdef LK_Q512
+    if (!Q256) {
+        qtile8_512(bits, tile, tscales, G, xq, xa, xd, xd8, K, out);
+        return;
+    }
+#endif
     int per = G / QK, nb = K / QK;
     size_t block_bytes = bits == 8 ? 256 : 128;
 #ifdef __AVX2__

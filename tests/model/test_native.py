@@ -106,18 +106,40 @@ def test_fused_step_follows_replaced_weights(checkpoint):
 
 
 def test_fused_step_follows_weights_moved_in_place(checkpoint):
-    """`param.data = ...` (what `.to()` does) keeps the Parameter and moves its storage: the step must see it."""
+    """`.to()` keeps each Parameter and gives it new storage: the step must not read the old one.
+
+    A round trip through float64 leaves float32 weights equal to before at other addresses.
+    """
     vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
     conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
     before = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
-    weight = vlm.model.language_model.layers[0].self_attn.o_proj.weight
-    weight.data = torch.zeros_like(weight)
+    text = vlm.model.language_model
+    weight = text.layers[0].self_attn.o_proj.weight
+    old_ptr = weight.data_ptr()
+    vlm.model.double().float()
+    assert text.layers[0].self_attn.o_proj.weight is weight and weight.data_ptr() != old_ptr
+    with torch.no_grad():
+        weight.zero_()  # so that reading the old storage would give other tokens
     vlm.engine.clear_caches()
     fused = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
-    vlm.model.language_model.fused_decode = None
+    text.fused_decode = None
     vlm.engine.clear_caches()
     plain = vlm.generate([conv], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
     assert fused == plain and fused != before
+
+
+def test_a_weight_swapped_by_hand_needs_invalidate(checkpoint):
+    """`param.data = t` fires no hook: invalidate() makes the next step rebuild its structs."""
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
+    fused = vlm.model.language_model.fused_decode
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
+    vlm.generate([conv], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    weight = vlm.model.language_model.layers[0].self_attn.o_proj.weight
+    built = fused._layers(torch.float32)
+    assert fused._layers(torch.float32) is built  # nothing changed: the same structs, not rebuilt
+    weight.data = torch.zeros_like(weight)
+    fused.invalidate()
+    assert fused._layers(torch.float32)[0].o.w == weight.data_ptr()
 
 
 def test_no_compiler_means_the_pytorch_path(monkeypatch, tmp_path, caplog, checkpoint):
