@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from .. import native
 from ..errors import GenerationError, NonFiniteLogits
 
 # Below this, logits / temperature overflows float32 for ordinary logits (a 1e-40 temperature turns
@@ -152,6 +153,21 @@ def _plain_greedy(p: SamplingParams) -> bool:
     return p.greedy and p.repetition_penalty == 1.0 and p.constraint is None and not (p.logprobs or p.top_logprobs)
 
 
+def _native_argmax(rows: torch.Tensor) -> tuple[list[int], list[bool]] | None:
+    """(first-maximum ids, whether each maximum is finite) of CPU float32/bfloat16 rows by the native
+    kernel, or None where it cannot run (another device or dtype, no library): then PyTorch picks."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    rows = rows.contiguous()
+    b, v = rows.shape
+    index, best = torch.empty(b, dtype=torch.long), torch.empty(b)
+    lib.lk_argmax(rows.data_ptr(), 1 if rows.dtype == torch.bfloat16 else 0, b, v, index.data_ptr(), best.data_ptr())
+    return index.tolist(), [math.isfinite(x) for x in best.tolist()]
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
                 generators: list[torch.Generator | None]) -> list[Pick]:
     """Pick one token per row of (B, V) logits, wherever the logits live.
@@ -168,13 +184,17 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[l
     plain = [i for i, p in enumerate(params) if _plain_greedy(p)]
     if plain:
         rows = logits if len(plain) == len(params) else logits[plain]  # (b, V)
-        if rows.device.type == "cpu" and rows.dtype != torch.float32:
-            rows = rows.float()  # PyTorch's CPU argmax over 152k bfloat16 logits: 0.9 ms, over float32 0.3 ms
-        # The row maxima say whether each row can be picked from (`_pickable`) at no extra pass over
-        # the logits (torch.isfinite(rows).all(-1) would cost four argmaxes on a CPU); ids and flags
-        # travel together: one host sync for the whole batch.
-        best, tokens = rows.max(-1)  # (b,), (b,)
-        tokens, ok = torch.stack((tokens, torch.isfinite(best).long())).tolist()  # (2, b)
+        picked = _native_argmax(rows)
+        if picked is not None:
+            tokens, ok = picked
+        else:
+            if rows.device.type == "cpu" and rows.dtype != torch.float32:
+                rows = rows.float()  # PyTorch's CPU argmax over 152k bfloat16 logits: 0.9 ms, over float32 0.3 ms
+            # The row maxima say whether each row can be picked from (`_pickable`) at no extra pass over
+            # the logits (torch.isfinite(rows).all(-1) would cost four argmaxes on a CPU); ids and flags
+            # travel together: one host sync for the whole batch.
+            best, tokens = rows.max(-1)  # (b,), (b,)
+            tokens, ok = torch.stack((tokens, torch.isfinite(best).long())).tolist()  # (2, b)
         for i, token, finite in zip(plain, tokens, ok):
             picks[i] = Pick(token) if finite else _unpickable("the model's logits are NaN or +infinite")
     rest = [i for i, pick in enumerate(picks) if pick is None]

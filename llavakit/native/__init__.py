@@ -42,6 +42,7 @@ _SIGNATURES = {
     "lk_linear_int8": (_VP, _INT, _VP, _VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT),
     "lk_linear_int4": (_VP, _INT, _VP, _VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT),
     "lk_dequant_tiles": (_INT, _VP, _VP, _INT, _INT, _INT, _VP),
+    "lk_argmax": (_VP, _INT, _INT, _INT, _VP, _VP),
     "lk_decode_layers": (_VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _VP, _VP, _VP, _VP,
                          _VP, _INT, _INT, _INT),
 }

@@ -533,6 +533,61 @@ int lk_dequant_tiles(int bits, const void *w, const uint16_t *scales, int G, int
 }
 
 
+/* ---------------------------------------------------------------- greedy pick */
+
+#ifdef __AVX2__
+static inline __m256 load8(const void *x, int xdt, size_t i) { /* 8 values as float32 */
+    if (!xdt) return _mm256_loadu_ps((const float *)x + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* For each of M rows of N logits (float32 or bfloat16): the index of the first maximum, and the
+ * maximum, NaN if the row holds one (what torch.max reports), so the caller can refuse the row.
+ * PyTorch's CPU max over 152k bfloat16 logits took 0.45 ms with the conversion: a tenth of an
+ * int4 token of the 0.5B decoder. */
+int lk_argmax(const void *x, int xdt, int M, int N, int64_t *index, float *best) {
+    for (int m = 0; m < M; m++) {
+        size_t row = (size_t)m * N;
+        float mx = -INFINITY;
+        int nan = 0, i = 0;
+#ifdef __AVX2__
+        __m256 vmx = _mm256_set1_ps(-INFINITY), unord = _mm256_setzero_ps();
+        for (; i + 8 <= N; i += 8) {
+            __m256 v = load8(x, xdt, row + i);
+            unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            vmx = _mm256_max_ps(vmx, v);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vmx);
+        for (int l = 0; l < 8; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+        nan = _mm256_movemask_ps(unord) != 0;
+#endif
+        for (int j = i; j < N; j++) {
+            float v = load_x(x, xdt, row + j);
+            nan |= v != v;
+            mx = v > mx ? v : mx;
+        }
+        int64_t at = 0;
+        if (nan) {
+            mx = NAN;
+        } else {
+            int j = 0;
+#ifdef __AVX2__
+            __m256 target = _mm256_set1_ps(mx);
+            for (; j + 8 <= N; j += 8)
+                if (_mm256_movemask_ps(_mm256_cmp_ps(load8(x, xdt, row + j), target, _CMP_EQ_OQ))) break;
+#endif
+            while (j < N && load_x(x, xdt, row + j) != mx) j++;
+            at = j < N ? j : 0; /* a row of -inf only: index 0, as torch.max */
+        }
+        index[m] = at;
+        best[m] = mx;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- float32 weights */
 
 static inline float f32_dot(const float *w, const float *x, int K) {

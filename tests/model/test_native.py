@@ -174,3 +174,29 @@ def test_opting_out_skips_the_build(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAVAKIT_NATIVE", "0")
     monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("built although opted out"))
     assert native.library() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_greedy_pick_equals_torch_first_maximum(dtype):
+    """lk_argmax (through sample_rows) picks torch's first maximum, ties included, and refuses what torch's max refuses."""
+    from llavakit.engine.sampling import _native_argmax, sample_rows
+
+    if native.library() is None:
+        pytest.skip("no native library here")
+    torch.manual_seed(0)
+    rows = (torch.randn(9, 1003) * 3).to(dtype)  # 1003: a tail after the vector part
+    rows[1, 500] = rows[1, 7] = rows[1].max() + 1  # a tie: the first one wins
+    rows[2, 1001] = 1e4  # the maximum in the tail
+    rows[3, 40] = float("nan")  # in the vector part
+    rows[4, 1002] = float("nan")  # in the tail
+    rows[5, :] = float("-inf")
+    rows[6, 3] = float("inf")
+    rows[7] = rows[7].round()  # many ties
+    rows[8, 0] = rows[8].max() + 1  # the very first value
+    tokens, finite = _native_argmax(rows)
+    best, want = rows.float().max(-1)
+    assert finite == torch.isfinite(best).tolist() == [True, True, True, False, False, False, False, True, True]
+    assert [t for t, ok in zip(tokens, finite) if ok] == [int(w) for w, ok in zip(want, finite) if ok]
+    assert tokens[1] == 7 and tokens[2] == 1001 and tokens[8] == 0
+    picks = sample_rows(rows, [SamplingParams()] * 9, [[]] * 9, [None] * 9)
+    assert [p.token_id for p in picks] == [t if ok else None for t, ok in zip(tokens, finite)]
