@@ -100,7 +100,8 @@ def open_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype | str | 
         cfg = LlavaConfig.from_hf(raw)
         processor = Processor.load(folder, cfg)
         model = load_model(folder, cfg, torch_dtype, quantize=quantize,
-                           stored_group_size=None if stored is None else stored[1])
+                           stored_group_size=None if stored is None else stored[1],
+                           huge_pages=torch.device(device).type == "cpu")
     model = model.to(device)
     if torch.device(device).type == "cpu":
         speed_up_linears(model)

@@ -104,3 +104,76 @@ def _in_private_file_mapping(start: int, stop: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+# ---- transparent huge pages for the decoder's weights ----------------------------------------
+
+_MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 * 2**20
+HUGE_OPT_OUT = "LLAVAKIT_HUGE_PAGES"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_available() -> bool:
+    """Whether weights can be placed in 2 MB pages: Linux with transparent huge pages in "always" or
+    "madvise" mode, and not turned off with LLAVAKIT_HUGE_PAGES=0."""
+    if os.environ.get(HUGE_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open(_THP_SETTING) as f:
+            setting = f.read()
+    except OSError:
+        return False
+    return "[always]" in setting or "[madvise]" in setting
+
+
+class HugePageArena:
+    """Copies of tensors in anonymous memory advised for transparent huge pages (2 MB pages).
+
+    Why: one decoded token streams every decoder weight once, and with 4 kB pages (a memory-mapped
+    checkpoint) that is a page-table walk every 4 kB; with 2 MB pages the same stream reached
+    10-20% more bandwidth (the bfloat16 Qwen2-0.5B decoder's layers 28.8 -> 26.1 ms a token, its
+    output head 8 -> 6 ms, 2 threads, Zen 4). Tensors are packed into mappings of CHUNK bytes (a
+    larger tensor gets its own), each starting on a 2 MB boundary, so at most one partly used huge
+    page per mapping is wasted. A mapping lives as long as any tensor in it.
+    """
+
+    CHUNK = 64 * 2**20
+    ALIGN = 64  # each tensor starts on a cache line
+
+    def __init__(self):
+        self._buffer = None  # torch uint8 view of the current mapping's aligned part
+        self._used = 0
+        self.nbytes = 0  # bytes copied in
+
+    def _map(self, nbytes: int):
+        import mmap
+
+        import torch
+
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = torch.frombuffer(mapping, dtype=torch.uint8)
+        skip = -raw.data_ptr() % HUGE_PAGE
+        try:
+            libc = ctypes.CDLL(None)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            libc.madvise(raw.data_ptr() + skip, nbytes, _MADV_HUGEPAGE)  # advice only: a failure costs speed
+        except (OSError, AttributeError):
+            pass
+        return raw[skip:skip + nbytes]
+
+    def copy(self, tensor):
+        """`tensor`'s values in the arena (same shape and dtype, contiguous)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        if size > self.CHUNK:
+            region = self._map(-(-size // HUGE_PAGE) * HUGE_PAGE)
+        else:
+            if self._buffer is None or self._used + size > self.CHUNK:
+                self._buffer, self._used = self._map(self.CHUNK), 0
+            region = self._buffer[self._used:self._used + size]
+            self._used += size
+        out = region[:nbytes].view(tensor.dtype).view(tensor.shape)
+        out.copy_(tensor)
+        self.nbytes += nbytes
+        return out

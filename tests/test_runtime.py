@@ -87,3 +87,65 @@ def test_release_pages_leaves_anonymous_memory_alone():
     t = torch.ones(4 * 2**20)
     assert not release_pages(t.data_ptr(), t.numel() * 4)
     assert float(t.sum()) == 4 * 2**20
+
+
+# ---- huge pages -----------------------------------------------------------------------------
+
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping holding `address` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@linux_only
+def test_arena_copies_values_packs_small_tensors_and_advises_huge_pages():
+    import torch
+
+    from llavakit.runtime import HUGE_PAGE, HugePageArena
+
+    arena = HugePageArena()
+    arena.CHUNK = 4 * HUGE_PAGE
+    small = [torch.randn(300, 7), torch.arange(1000, dtype=torch.int64), torch.randn(5).bfloat16()]
+    big = torch.randn(3 * 2**20)  # 12 MB: more than a chunk, a mapping of its own
+    copies = [arena.copy(t) for t in small + [big]]
+    for t, c in zip(small + [big], copies):
+        assert torch.equal(t, c) and c.dtype == t.dtype and c.shape == t.shape and c.data_ptr() % 64 == 0
+    starts = [c.data_ptr() for c in copies]
+    assert starts[0] % HUGE_PAGE == 0 and starts[1] - starts[0] == 300 * 7 * 4 + 48  # packed, 64-byte aligned
+    assert starts[3] % HUGE_PAGE == 0 and arena.nbytes == sum(t.numel() * t.element_size() for t in small + [big])
+    if "hg" not in _vm_flags(starts[0]):
+        pytest.fail("madvise(MADV_HUGEPAGE) was not applied to the arena")
+
+
+def test_load_places_decoder_weights_in_huge_pages_with_identical_logits(checkpoint, monkeypatch):
+    import torch
+
+    import llavakit
+    from llavakit.model import build
+    from llavakit.runtime import huge_pages_available
+
+    monkeypatch.setattr(build, "HUGE_MIN_NUMEL", 1)  # the tiny checkpoint's weights are all small
+    monkeypatch.setenv("LLAVAKIT_HUGE_PAGES", "1")
+    path = checkpoint("qwen2")
+    placed = llavakit.load(path, dtype=torch.float32)
+    monkeypatch.setenv("LLAVAKIT_HUGE_PAGES", "0")
+    mapped = llavakit.load(path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        a = placed.model.decode(placed.model.embed(ids, None, None), torch.arange(5)[None], None, None, False)
+        b = mapped.model.decode(mapped.model.embed(ids, None, None), torch.arange(5)[None], None, None, False)
+    assert torch.equal(a, b)
+    down = lambda vlm: vlm.model.language_model.layers[0].mlp.down_proj.weight  # noqa: E731
+    vision = lambda vlm: next(vlm.model.vision_tower.parameters())  # noqa: E731
+    monkeypatch.setenv("LLAVAKIT_HUGE_PAGES", "1")
+    if huge_pages_available():
+        assert "hg" in _vm_flags(down(placed).data_ptr())  # decoder weights in the arena
+        assert "hg" not in _vm_flags(vision(placed).data_ptr())  # the tower stays where it was read
+    assert "hg" not in _vm_flags(down(mapped).data_ptr())

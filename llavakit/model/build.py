@@ -11,15 +11,31 @@ from pathlib import Path
 import torch
 
 from ..config import LlavaConfig
+from ..runtime import HugePageArena, huge_pages_available
 from ..weights import KeyMap, assign_weights, load_state
 from .layers import rope_inv_freq
 from .llava import LlavaModel
 from .quant import loading_converter
 
+HUGE_MIN_NUMEL = 2**16  # smaller tensors (norms, biases) are not worth a copy
+
+
+def _into_huge_pages(model: LlavaModel, dtype: torch.dtype):
+    """weights.py's converter that copies the decoder's and the head's large float weights into huge pages."""
+    arena, known = HugePageArena(), set(model.state_dict())
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if (not name.startswith(("language_model.", "lm_head.")) or name not in known
+                or not tensor.is_floating_point() or tensor.numel() < HUGE_MIN_NUMEL):
+            return None
+        return {name: arena.copy(tensor.to(dtype))}
+
+    return convert
+
 
 def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
                sources: list[tuple[Path, KeyMap]] | None = None, quantize: str = "none",
-               stored_group_size: int | None = None, split=None) -> LlavaModel:
+               stored_group_size: int | None = None, split=None, huge_pages: bool = False) -> LlavaModel:
     """Build the architecture of `cfg` without allocating it, then fill it from `folder` in `dtype`.
 
     quantize: "none", "int8" or "int4": the decoder's linear layers and the output head are quantised
@@ -28,12 +44,16 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
     split: one tensor-parallel rank's share (llavakit/parallel/shard.py's Split): its `localize` gives
     the meta model that rank's layer widths before anything is read, and its `take` says which slice
     of each stored tensor the rank reads. The model file itself stays single-device.
+    huge_pages: place the decoder's and the head's weights in 2 MB pages where the system offers
+    them (llavakit/runtime.py, HugePageArena): faster CPU decoding; their file pages are dropped.
     """
     with torch.device("meta"):
         model = LlavaModel(cfg)
     if split is not None:
         split.localize(model)
     convert = loading_converter(model, quantize, dtype, stored_group_size)
+    if convert is None and huge_pages and huge_pages_available():
+        convert = _into_huge_pages(model, dtype)
     assign_weights(model, load_state(folder, model, dtype, sources, convert, None if split is None else split.take))
     model.tie_weights()
     # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.

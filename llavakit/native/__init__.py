@@ -4,7 +4,7 @@ Why a kernel of our own: one decoded token reads every decoder weight once, so d
 memory-bandwidth problem. PyTorch's CPU kernels for a single row (bfloat16 `F.linear`,
 `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) stream well below the machine's read
 bandwidth, and none reads blocks of int8 or int4 with per-group scales against int8 activations,
-the scheme CPU inference engines use. kernels.c is about 250 lines of portable C with an AVX2 path.
+the scheme CPU inference engines use. kernels.c is portable C with AVX2 and AVX-512 paths.
 
 The library is built the first time it is needed, with the C compiler found on the machine
 (`$CC`, else `cc`, `gcc` or `clang`) and `-march=native`, into the user's cache folder
