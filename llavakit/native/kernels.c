@@ -311,7 +311,8 @@ static void quantize_x(const void *x, int xdt, int M, int K, qx out) {
 /* The same tile product in 512-bit registers: each load takes two 32-byte groups of the block (the
  * 8 rows' bytes for two activation chunks), so a block needs half the loads and multiply-adds; the
  * two halves' integer sums are added before the conversion, so the result equals the 256-bit
- * path's to the bit. On a 2-core Zen 4 the int4 product was bound by instructions on one thread. */
+ * path's to the bit. The int4 output head of Qwen2-0.5B (151,936 x 896) on a 2-core Zen 4: 2.5-3.2
+ * ms with the 256-bit kernel, 2.0 ms with this one (2 threads; one thread reads 3.2 ms either way). */
 static void qtile8_512(int bits, const uint8_t *tile, const uint16_t *tscales, int G, const int8_t *xq,
                        const uint8_t *xa, const float *xd, const float *xd8, int K, float *out) {
     int per = G / QK, nb = K / QK, si = 0, left = per;
