@@ -164,6 +164,22 @@ static int bf16_prepare_x(const void *x, int xdt, int M, int K, float *xf) {
 /* out[r] = dot(w row r, x) for R (1..4) consecutive rows; x as bf16_prepare_x wrote it. */
 static inline void bf16_rows(const uint16_t *w, const float *xf, int K, int R, float *out, int lo_used) {
     const uint16_t *xh = (const uint16_t *)xf, *xl = xh + K;
+    if (R == 1 && !lo_used) { /* one row, bfloat16 activations: two sums, 128 bytes a pass */
+        __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + k + 32) + PREFETCH, _MM_HINT_T0);
+            c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(xh + k));
+            c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(xh + k + 32));
+        }
+        for (; k + 32 <= K; k += 32)
+            c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(xh + k));
+        if (k < K)
+            c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_maskz_loadu_epi16(0xffff, w + k), (__m512bh)_mm512_maskz_loadu_epi16(0xffff, xh + k));
+        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
+        return;
+    }
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int k = 0;
     for (; k + 32 <= K; k += 32) {

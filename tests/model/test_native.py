@@ -19,7 +19,7 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no C compile
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS])
-@pytest.mark.parametrize("k", [96, 80])  # 80: a last half block of 16 for the 32-wide AVX512-BF16 path
+@pytest.mark.parametrize("k", [96, 80, 128, 112])  # AVX512-BF16 path: blocks of 64, then 32, then a half block of 16
 def test_bfloat16_kernel_matches_the_float32_product(rows, k):
     torch.manual_seed(0)
     linear = FastLinear.wrap(nn.Linear(k, 53).to(torch.bfloat16).requires_grad_(False))  # 53: a ragged last tile
