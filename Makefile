@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: chat test shapes-model bench-llamacpp
+.PHONY: chat test shapes-model shapes-free-model bench-llamacpp
 chat: $(VENV)/.installed
 	$(BIN)/llavakit chat --image $(IMAGE) "$(QUESTION)"
 
@@ -35,6 +35,11 @@ test: $(VENV)/.installed-test
 # Retrain the shipped model from scratch (about 40 minutes on 2 cores); the result lands in shapes-run/model.
 shapes-model: $(VENV)/.installed-test
 	LLAVAKIT=$(BIN)/llavakit scripts/train_shapes_model.sh shapes-run
+
+# The free shapes world's model (docs/shapes-world.md; not the shipped one yet): about 80 minutes on 2
+# cores, resumable (a finished step is skipped, stage 2 goes on from its last checkpoint).
+shapes-free-model: $(VENV)/.installed-test
+	LLAVAKIT=$(BIN)/llavakit PYTHON=$(BIN)/python scripts/train_free_shapes_model.sh shapes-free-run
 
 # llavakit against llama.cpp on the same decoder (bench/llamacpp.py); builds llama-cpp-python from source
 # with this CPU's instruction set (about 15 minutes on 2 cores the first time).
