@@ -19,8 +19,8 @@ PYTHON=${PYTHON:-python}
 PROCS=${PROCS:-2}
 TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
 SEED=${SEED:-0}
-N=${N:-40000}
-VIDEOS=${VIDEOS:-8000}
+N=${N:-60000}
+VIDEOS=${VIDEOS:-12000}
 TEST=${TEST:-700}
 SAVE_EVERY=${SAVE_EVERY:-250}
 TOWER=${TOWER:-siglip:image_size=128,patch_size=32,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512}
@@ -56,7 +56,7 @@ step stage1 train --model "$WORK/init" --data "$WORK/data/captions.jsonl" --out 
 resume=--overwrite
 if compgen -G "$WORK/model/checkpoint-*" > /dev/null; then resume=--resume; fi
 step stage2 train --model "$WORK/stage1" --data "$WORK/data/train.jsonl" --out "$WORK/model" $resume \
-    --stage full --max-steps ${STEPS:-3000} --lr ${LR:-1e-3} --warmup-ratio 0.03 --bf16 --compile --group-by-length \
+    --stage full --max-steps ${STEPS:-4000} --lr ${LR:-1e-3} --warmup-ratio 0.03 --bf16 --compile --group-by-length \
     --save-every "$SAVE_EVERY" --seed "$SEED"
 step eval $PYTHON scripts/eval_shapes.py --model "$WORK/model" --out "$WORK/eval" --n "$TEST" --seed 1
 cat "$WORK/times.txt"
