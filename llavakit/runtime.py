@@ -83,10 +83,15 @@ def release_pages(address: int, nbytes: int) -> bool:
     stop = (address + nbytes) // _PAGE * _PAGE
     if stop <= start or not _in_private_file_mapping(start, stop):
         return False
+    return _madvise(start, stop - start, _MADV_DONTNEED)
+
+
+def _madvise(address: int, nbytes: int, advice: int) -> bool:
+    """libc's madvise on [address, address + nbytes); False where it failed or there is none."""
     try:
         libc = ctypes.CDLL(None)
         libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return libc.madvise(start, stop - start, _MADV_DONTNEED) == 0
+        return libc.madvise(address, nbytes, advice) == 0
     except (OSError, AttributeError):
         return False
 
@@ -154,12 +159,7 @@ class HugePageArena:
         mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = torch.frombuffer(mapping, dtype=torch.uint8)
         skip = -raw.data_ptr() % HUGE_PAGE
-        try:
-            libc = ctypes.CDLL(None)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            libc.madvise(raw.data_ptr() + skip, nbytes, _MADV_HUGEPAGE)  # advice only: a failure costs speed
-        except (OSError, AttributeError):
-            pass
+        _madvise(raw.data_ptr() + skip, nbytes, _MADV_HUGEPAGE)  # advice only: a failure costs speed
         return raw[skip:skip + nbytes]
 
     def copy(self, tensor):

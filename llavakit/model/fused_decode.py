@@ -42,19 +42,17 @@ class _Layer(ctypes.Structure):
         ("vpool", ctypes.c_void_p), ("window", ctypes.c_int)]
 
 
-def _describe(linear: nn.Module, dtype: torch.dtype) -> tuple[_Linear, list[str]] | None:
-    """The kernel's view of a linear layer and the names of the tensors it points into; None when unsupported."""
+def _describe(linear: nn.Module, dtype: torch.dtype) -> _Linear | None:
+    """The kernel's view of a linear layer; None when unsupported."""
     if isinstance(linear, QuantLinear):
         if linear.compute_dtype != dtype:
             return None
-        names = ["qweight", "scales"]
         desc = _Linear(linear.qweight.data_ptr(), linear.scales.data_ptr(), 0, linear.bits, linear.group_size,
                        linear.out_features, linear.in_features)
     elif type(linear) is nn.Linear or type(linear) is FastLinear:
         w = linear.weight
         if w.dtype != dtype or not w.is_contiguous() or (dtype == torch.bfloat16 and linear.in_features % 16):
             return None
-        names = ["weight"]
         desc = _Linear(w.data_ptr(), 0, 0, 32 if dtype == torch.float32 else 16, 0, linear.out_features,
                        linear.in_features)
     else:
@@ -63,7 +61,7 @@ def _describe(linear: nn.Module, dtype: torch.dtype) -> tuple[_Linear, list[str]
         if linear.bias.dtype != dtype or not linear.bias.is_contiguous():
             return None
         desc.bias = linear.bias.data_ptr()
-    return desc, names + ["bias"]
+    return desc
 
 
 # Every parameter, buffer or submodule assigned anywhere in the process bumps this: the structs
@@ -92,26 +90,21 @@ class FusedDecoder:
         self._built: tuple | None = None
 
     def _build(self, dtype: torch.dtype):
-        text, held, layers = self.text, [], (_Layer * len(self.text.layers))()
+        """The layers' structs for `dtype`, or None when a layer is not one the native step takes."""
+        text, layers = self.text, (_Layer * len(self.text.layers))()
         for i, layer in enumerate(text.layers):
             for name, (parent, attr) in zip(_PROJ, _PROJ_MODULES):
-                owner = getattr(layer, parent)
-                linear = getattr(owner, attr)
-                described = _describe(linear, dtype)
+                described = _describe(getattr(getattr(layer, parent), attr), dtype)
                 if described is None:
                     return None
-                setattr(layers[i], name, described[0])
-                held.append((owner, attr, linear))
-                held += [(linear, t, getattr(linear, t)) for t in described[1]]
+                setattr(layers[i], name, described)
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if norm.weight.dtype != dtype or not norm.weight.is_contiguous():
                     return None
-                held.append((norm, "weight", norm.weight))
             layers[i].attn_norm = layer.input_layernorm.weight.data_ptr()
             layers[i].mlp_norm = layer.post_attention_layernorm.weight.data_ptr()
             layers[i].window = text.cfg.sliding_windows[i] or 0
-        held.append((text.norm, "weight", text.norm.weight))
-        return held, layers
+        return layers
 
     def _layers(self, dtype: torch.dtype):
         """The structs, rebuilt when a weight they point into may have been replaced or moved.
@@ -123,9 +116,9 @@ class FusedDecoder:
         key = (dtype, _assigned, self.text.weights_moved)
         if self._built is not None and self._built[0] == key:
             return self._built[1]
-        built = self._build(dtype)
-        self._built = None if built is None else (key, built[1])
-        return None if built is None else built[1]
+        layers = self._build(dtype)
+        self._built = None if layers is None else (key, layers)
+        return layers
 
     def invalidate(self) -> None:
         """Rebuild the structs before the next step (after changing a weight's storage by hand)."""
