@@ -113,8 +113,15 @@ def cache_heads(model: LlavaModel) -> int:
 
 
 class LayerPools(list):
-    """Per-layer pool tensors: a list, of a class of its own only so that it can be weakly referenced
-    (tensor-parallel ranks keep a pool for each live one, llavakit/parallel/driver.py)."""
+    """Per-layer pool tensors: a list that can be weakly referenced (tensor-parallel ranks keep a pool
+    for each live one, llavakit/parallel/driver.py) and counts replacements of its tensors in
+    `version` (the native decode step points at the tensors again only when it moved)."""
+
+    version = 0
+
+    def __setitem__(self, index, value):
+        super().__setitem__(index, value)
+        self.version += 1
 
 
 def kv_budget_blocks(model: LlavaModel, max_batch_size: int, kv_cache_bytes: int | None) -> int:
@@ -145,6 +152,7 @@ class ModelRunner:
                                  for _ in range(text.num_layers))
         self.features = FeatureCache(image_cache_bytes)
         self.vision_seconds = 0.0  # spent in the tower, for monitoring
+        self._valid = torch.ones(1, 4096, dtype=torch.bool)  # a lone CPU row's read_valid, sliced
 
     def reserve(self, num_blocks: int) -> None:
         """Grow the pool tensors to `num_blocks` blocks (new slots zeroed; existing slots keep their place)."""
@@ -236,6 +244,34 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Seq]) -> list[tuple[Seq, Delta]]:
         device, b = self.model.device, len(seqs)
+        if b == 1 and device.type == "cpu":
+            step, tokens = self._one_row_step(seqs[0])
+        else:
+            step, tokens = self._batch_step(seqs, device)
+        embeds = self.model.language_model.embed_tokens(tokens)  # (B, 1, D)
+        logits = self.model.decode(embeds, step.query_pos, None, step, last_only=True)[:, -1]  # (B, V)
+        # One batched pick: a per-row pick would copy a vocabulary row to the host (a GPU sync) per request.
+        deltas = RequestState.sample_batch([s.state for s in seqs], logits, self.eos_ids)
+        return list(zip(seqs, deltas))
+
+    def _one_row_step(self, seq: Seq) -> tuple[PagedStep, torch.Tensor]:
+        """(step, tokens (1, 1)) of a lone request on the CPU: views of its slots, no per-step index math.
+
+        A CPU user's chat is this case; each tensor operation here costs ~10 us with the caches cold
+        from streaming the weights, a tenth of a millisecond a token in the general path.
+        """
+        n = seq.table.length + 1  # keys this step reads, the new one included
+        slots = seq.slots if seq.slots is not None else self._slots(seq)
+        meta = torch.tensor([[n - 1, seq.state.ids[-1]]])  # position, last token
+        if self._valid.shape[1] < n:
+            self._valid = torch.ones(1, max(n, 2 * self._valid.shape[1]), dtype=torch.bool)
+        step = PagedStep(keys=self.keys, values=self.values, write_slots=slots[n - 1 : n], read_slots=slots[None, :n],
+                         read_valid=self._valid[:, :n], query_pos=meta[:, :1], plain_causal=True)
+        return step, meta[:, 1:]
+
+    def _batch_step(self, seqs: list[Seq], device: torch.device) -> tuple[PagedStep, torch.Tensor]:
+        """(step, tokens (B, 1)) of a batch of decode rows, built on the host and sent in one copy."""
+        b = len(seqs)
         longest = max(s.table.length for s in seqs) + 1  # keys each row reads, the new one included
         # Everything the step needs from the host goes over in one copy: each copy to a GPU is a sync.
         host = torch.zeros(b, longest + 2, dtype=torch.long)  # per row: read slots, keys read, last token
@@ -251,8 +287,4 @@ class ModelRunner:
         step = PagedStep(keys=self.keys, values=self.values, write_slots=read.gather(1, positions)[:, 0],
                          read_slots=read, read_valid=torch.arange(longest, device=device)[None, :] < lengths[:, None],
                          query_pos=positions, plain_causal=b == 1)
-        embeds = self.model.language_model.embed_tokens(tokens)  # (B, 1, D)
-        logits = self.model.decode(embeds, positions, None, step, last_only=True)[:, -1]  # (B, V)
-        # One batched pick: a per-row pick would copy a vocabulary row to the host (a GPU sync) per request.
-        deltas = RequestState.sample_batch([s.state for s in seqs], logits, self.eos_ids)
-        return list(zip(seqs, deltas))
+        return step, tokens

@@ -15,6 +15,7 @@ non-SiLU MLPs, adapters wrapping the linears, no C compiler) runs on the PyTorch
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import nn
@@ -88,6 +89,9 @@ class FusedDecoder:
         self.text = text
         # ((dtype, assignments so far, the TextModel's moves so far) when built, the structs)
         self._built: tuple | None = None
+        self._rope_tables: tuple | None = None  # (that key, cos (n, hd), sin (n, hd))
+        self._head_built: tuple | None = None  # (that key and the head's id, its struct, the head)
+        self._pools: tuple | None = None  # (weak refs to the pools last pointed at, their versions, the structs)
 
     def _build(self, dtype: torch.dtype):
         """The layers' structs for `dtype`, or None when a layer is not one the native step takes."""
@@ -122,10 +126,55 @@ class FusedDecoder:
 
     def invalidate(self) -> None:
         """Rebuild the structs before the next step (after changing a weight's storage by hand)."""
-        self._built = None
+        self._built = self._head_built = self._rope_tables = self._pools = None
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep) -> torch.Tensor | None:
-        """Final-normed hidden states (B, 1, D) of a single-token step, or None to run the PyTorch path."""
+    def _rope(self, dtype: torch.dtype, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 (n, hd) cos and sin tables, row p for position p, covering every position asked for.
+
+        Computed by rope_cos_sin itself, so each row is what text.py computes for that position;
+        they grow by doubling, and follow the weights' key (inv_freq is a buffer).
+        """
+        need = int(positions.max()) + 1
+        key = (dtype, _assigned, self.text.weights_moved)
+        if self._rope_tables is None or self._rope_tables[0] != key or self._rope_tables[1].shape[0] < need:
+            n = max(1024, 1 << (need - 1).bit_length())
+            cos, sin = rope_cos_sin(self.text.inv_freq, torch.arange(n)[None], dtype)  # (1, 1, n, hd)
+            self._rope_tables = (key, cos.reshape(n, -1).float().contiguous(), sin.reshape(n, -1).float().contiguous())
+        return self._rope_tables[1], self._rope_tables[2]
+
+    def _point_at(self, layers, cache: PagedStep) -> None:
+        """Point the structs at the pool tensors, unless they point at these already.
+
+        The engine's pools count replacements of their tensors (`version`); a plain list is
+        pointed at every step.
+        """
+        keys, values = cache.keys, cache.values
+        stamp = (getattr(keys, "version", None), getattr(values, "version", None))
+        seen = self._pools
+        if (stamp[0] is not None and stamp[1] is not None and seen is not None and seen[0]() is keys
+                and seen[1]() is values and seen[2] == stamp and seen[3] is layers):
+            return
+        for i in range(len(layers)):
+            layers[i].kpool = keys[i].data_ptr()
+            layers[i].vpool = values[i].data_ptr()
+        try:
+            self._pools = (weakref.ref(keys), weakref.ref(values), stamp, layers)
+        except TypeError:  # a plain list: no weak reference, pointed at again next step
+            self._pools = None
+
+    def _head(self, head: nn.Module, dtype: torch.dtype) -> _Linear | None:
+        """The output head's struct, kept beside the layers' (same key); None when the kernel cannot take it
+        or when it has hooks, which a native call would skip."""
+        if head._forward_hooks or head._forward_pre_hooks or _global_hooks():
+            return None
+        key = (dtype, _assigned, self.text.weights_moved, id(head))
+        if self._head_built is None or self._head_built[0] != key:
+            self._head_built = (key, _describe(head, dtype), head)  # the module kept: its id stays its own
+        return self._head_built[1]
+
+    def _run(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep,
+             head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(final-normed hidden (B, 1, D), logits (B, 1, V) or None) of a single-token step, or None."""
         dtype, cfg = embeds.dtype, self.text.cfg
         if (embeds.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
                 or embeds.shape[1] != 1 or cfg.hidden_act != "silu" or cfg.head_dim > 512):
@@ -135,29 +184,50 @@ class FusedDecoder:
         lib = native.library()
         if lib is None:
             return None
+        head_struct = None
+        if head is not None:
+            head_struct = self._head(head, dtype)
+            if head_struct is None:
+                return None
         layers = self._layers(dtype)
         if layers is None:
             return None
-        for i in range(len(layers)):
-            layers[i].kpool = cache.keys[i].data_ptr()
-            layers[i].vpool = cache.values[i].data_ptr()
+        self._point_at(layers, cache)
         b = embeds.shape[0]
-        cos, sin = rope_cos_sin(self.text.inv_freq, positions, dtype)  # (B, 1, 1, hd), rounded like text.py's
-        cos = cos.reshape(b, -1).float().contiguous()
-        sin = sin.reshape(b, -1).float().contiguous()
+        cos, sin = self._rope(dtype, positions)
         x = embeds.reshape(b, -1).contiguous().clone()
         read = cache.read_slots.contiguous()
         write = cache.write_slots.contiguous()
         pos = positions.reshape(b).contiguous()
+        logits = None if head is None else torch.empty(b, 1, head_struct.n, dtype=dtype)
         code = 1 if dtype == torch.bfloat16 else 0
         rc = lib.lk_decode_layers(ctypes.addressof(layers), len(layers), self.text.norm.weight.data_ptr(), x.data_ptr(), b,
                                   cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                   cfg.intermediate_size, ctypes.c_float(cfg.rms_norm_eps), cos.data_ptr(),
                                   sin.data_ptr(), write.data_ptr(), read.data_ptr(), pos.data_ptr(), read.shape[1],
-                                  code, code)
+                                  code, code, None if head is None else ctypes.addressof(head_struct),
+                                  None if logits is None else logits.data_ptr())
         if rc != 0:
             return None
-        return x.view(b, 1, -1)
+        return x.view(b, 1, -1), logits
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep) -> torch.Tensor | None:
+        """Final-normed hidden states (B, 1, D) of a single-token step, or None to run the PyTorch path."""
+        out = self._run(embeds, positions, cache, None)
+        return None if out is None else out[0]
+
+    def logits(self, embeds: torch.Tensor, positions: torch.Tensor, cache: PagedStep,
+               head: nn.Module) -> torch.Tensor | None:
+        """Logits (B, 1, V) in the model dtype of a single-token step with `head` (the LM head) in the same
+        native call, or None when the step or the head is not one it takes (then run layers and head apart)."""
+        out = self._run(embeds, positions, cache, head)
+        return None if out is None else out[1]
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module are present (a native head would skip them)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 def install(model: nn.Module) -> bool:

@@ -216,6 +216,12 @@ class LlavaModel(nn.Module):
         last_only: bool,
     ) -> torch.Tensor:
         """Run the decoder and the head; logits (B, T or 1, V) in the model dtype."""
+        if cache is not None and embeds.shape[1] == 1:
+            # A single-token step: the native step (fused_decode.py) runs the head in its own call.
+            fused = getattr(self.language_model.fused_decode, "logits", None)
+            logits = None if fused is None else fused(embeds, positions, cache, self.lm_head)
+            if logits is not None:
+                return logits
         hidden = self.language_model(embeds, positions, valid, cache)
         if last_only:
             hidden = hidden[:, -1:]

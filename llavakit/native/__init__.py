@@ -44,7 +44,7 @@ _SIGNATURES = {
     "lk_dequant_tiles": (_INT, _VP, _VP, _INT, _INT, _INT, _VP),
     "lk_argmax": (_VP, _INT, _INT, _INT, _VP, _VP),
     "lk_decode_layers": (_VP, _INT, _VP, _VP, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _VP, _VP, _VP, _VP,
-                         _VP, _INT, _INT, _INT),
+                         _VP, _INT, _INT, _INT, _VP, _VP),
 }
 
 

@@ -795,16 +795,184 @@ static void rope(float *x, const float *cos, const float *sin, int hd, int dt) {
     memcpy(x, tmp, sizeof(float) * hd);
 }
 
+#ifdef __AVX2__
+/* exp of 8 floats for SiLU and the softmax: Cephes' range reduction and polynomial, within 1 ulp of
+ * expf over [-87, 88] (inputs clamped to +-88.38, past which expf overflows or leaves the normal range). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* 8 floats rounded to bfloat16 (nearest even) and back, as rnd(1, .) does, NaN kept a NaN. */
+static inline __m256 rnd8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
+                                 _mm256_set1_epi32((int)0xffff0000u));
+    __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+#endif
+
+#ifdef __AVX2__
+/* Four key rows (4, hd), hd % 8 == 0, against one query: four sums, each in f32_dot1's order. */
+static inline void f32_dot1x4(const float *k, int hd, const float *q, float *d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int i = 0; i < hd; i += 8) {
+        __m256 qq = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + i), qq, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + hd + i), qq, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 2 * hd + i), qq, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 3 * hd + i), qq, a3);
+    }
+    d[0] = hsum(a0); d[1] = hsum(a1); d[2] = hsum(a2); d[3] = hsum(a3);
+}
+#endif
+
+/* One sum over hd float32 values in bf16_dot's order: with a key row widened from bfloat16 (exact),
+ * the same number bf16_dot gives. */
+static inline float f32_dot1(const float *k, const float *q, int hd) {
+    int i = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(q + i), acc);
+    s = hsum(acc);
+#endif
+    for (; i < hd; i++) s += k[i] * q[i];
+    return s;
+}
+
+/* acc += w * v in bf16_axpy's order, v widened already. */
+static inline void f32_axpy1(float w, const float *v, float *acc, int hd) {
+    int i = 0;
+#ifdef __AVX2__
+    __m256 wv = _mm256_set1_ps(w);
+    for (; i + 8 <= hd; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < hd; i++) acc[i] += w * v[i];
+}
+
+static inline void widen_bf16(const uint16_t *x, float *out, int n) {
+    for (int i = 0; i < n; i++) out[i] = bf16_to_f32(x[i]);
+}
+
+/* Attention of the `group` query heads that share one key/value head, for one row: each key and value
+ * row is read and widened once for all of them (7 query heads a key/value head in Qwen2-0.5B), and each
+ * head's sums run in the order of a head computed alone.
+ *   q     (group, hd) the heads' queries          slots  the row's read slots, by position
+ *   probs (group, S) scratch                      out    (group, hd) the heads' outputs
+ *   kv_off the head's offset within a slot (kh * hd); kvn values a slot */
+static void attend_group(const float *q, int group, int hd, const void *kpool, const void *vpool, int cache_dt,
+                         size_t kv_off, size_t kvn, const int64_t *slots, int64_t lo, int64_t pos, float scale,
+                         float *probs, int S, float *out) {
+    float row[4 * 512];
+    int64_t s0 = lo;
+#ifdef __AVX2__
+    /* Four keys at a time: four independent sums hide the multiply-add latency one sum would wait on. */
+    for (; cache_dt && hd % 8 == 0 && s0 + 4 <= pos + 1; s0 += 4) {
+        for (int r = 0; r < 4; r++) widen_bf16((const uint16_t *)kpool + (size_t)slots[s0 + r] * kvn + kv_off, row + r * hd, hd);
+        for (int j = 0; j < group; j++) {
+            float d[4];
+            f32_dot1x4(row, hd, q + (size_t)j * hd, d);
+            for (int r = 0; r < 4; r++) probs[(size_t)j * S + s0 + r] = d[r] * scale;
+        }
+    }
+#endif
+    for (int64_t s = s0; s <= pos; s++) {
+        size_t off = (size_t)slots[s] * kvn + kv_off;
+        if (cache_dt) {
+            widen_bf16((const uint16_t *)kpool + off, row, hd);
+            for (int j = 0; j < group; j++) probs[(size_t)j * S + s] = f32_dot1(row, q + (size_t)j * hd, hd) * scale;
+        } else {
+            for (int j = 0; j < group; j++)
+                probs[(size_t)j * S + s] = f32_dot((const float *)kpool + off, q + (size_t)j * hd, hd) * scale;
+        }
+    }
+    for (int j = 0; j < group; j++) { /* softmax, each weight as the values will meet it */
+        float *p = probs + (size_t)j * S, mx = -INFINITY, sum = 0.f;
+        for (int64_t s = lo; s <= pos; s++) mx = p[s] > mx ? p[s] : mx;
+        int64_t s = lo;
+#ifdef __AVX2__
+        __m256 sums = _mm256_setzero_ps(), top = _mm256_set1_ps(mx);
+        for (; s + 8 <= pos + 1; s += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), top));
+            _mm256_storeu_ps(p + s, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        sum = hsum(sums);
+#endif
+        for (; s <= pos; s++) {
+            p[s] = expf(p[s] - mx);
+            sum += p[s];
+        }
+        for (int64_t s = lo; s <= pos; s++) p[s] = cache_dt ? rnd(1, p[s] / sum) : p[s] / sum;
+    }
+    memset(out, 0, sizeof(float) * (size_t)group * hd);
+    for (int64_t s = lo; s <= pos; s++) {
+        size_t off = (size_t)slots[s] * kvn + kv_off;
+        if (cache_dt) {
+            widen_bf16((const uint16_t *)vpool + off, row, hd);
+            for (int j = 0; j < group; j++) f32_axpy1(probs[(size_t)j * S + s], row, out + (size_t)j * hd, hd);
+        } else {
+            const float *vv = (const float *)vpool + off;
+            for (int j = 0; j < group; j++) {
+                float w = probs[(size_t)j * S + s], *acc = out + (size_t)j * hd;
+                for (int i = 0; i < hd; i++) acc[i] += w * vv[i];
+            }
+        }
+    }
+    for (size_t i = 0; i < (size_t)group * hd; i++) out[i] = rnd(cache_dt, out[i]);
+}
+
+
+/* g = silu(g) * u over n values, each result rounded as PyTorch rounds it in dtype dt. A vector
+ * exp instead of expf: the two differ by an ulp or two of float32, below a bfloat16 step. */
+static void silu_mul(float *g, const float *u, size_t n, int dt) {
+    size_t blocks = (n + 511) / 512;
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (size_t blk = 0; blk < blocks; blk++) {
+        size_t i = blk * 512, end = i + 512 < n ? i + 512 : n;
+#ifdef __AVX2__
+        for (; i + 8 <= end; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i);
+            __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+            if (dt) s = rnd8(s);
+            __m256 r = _mm256_mul_ps(s, _mm256_loadu_ps(u + i));
+            _mm256_storeu_ps(g + i, dt ? rnd8(r) : r);
+        }
+#endif
+        for (; i < end; i++) g[i] = rnd(dt, rnd(dt, g[i] / (1.f + expf(-g[i]))) * u[i]);
+    }
+}
+
+
+/* x_io (B, D): the new tokens' embeddings in, the final-normed hidden states out. cos, sin: rotary
+ * tables (positions, hd) in float32, row p for position p, covering every position given. head, when
+ * not NULL, is the output head, applied in the same call: logits (B, head->n) in the model dtype. */
 int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void *x_io, int B, int D, int H, int Hkv,
                      int hd, int I, float eps, const float *cos, const float *sin, const int64_t *write_slots,
-                     const int64_t *read_slots, const int64_t *positions, int S, int dt, int cache_dt) {
+                     const int64_t *read_slots, const int64_t *positions, int S, int dt, int cache_dt,
+                     const lk_linear *head, void *logits) {
     if (hd > 512 || H % Hkv) return -2;
     size_t qn = (size_t)H * hd, kvn = (size_t)Hkv * hd;
     float *x = (float *)malloc(sizeof(float) * B * D), *h = (float *)malloc(sizeof(float) * B * D);
     float *q = (float *)malloc(sizeof(float) * B * qn), *k = (float *)malloc(sizeof(float) * B * kvn);
     float *v = (float *)malloc(sizeof(float) * B * kvn), *att = (float *)malloc(sizeof(float) * B * qn);
     float *g = (float *)malloc(sizeof(float) * B * I), *u = (float *)malloc(sizeof(float) * B * I);
-    float *probs = (float *)malloc(sizeof(float) * (size_t)B * H * S);
+    float *probs = (float *)malloc(sizeof(float) * (size_t)B * H * S), *ylog = NULL;
     int rc = -1;
     if (!x || !h || !q || !k || !v || !att || !g || !u || !probs) goto done;
     for (size_t i = 0; i < (size_t)B * D; i++) x[i] = load_t(x_io, dt, i);
@@ -819,8 +987,9 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
         if (run_jobs(qkv, 3, B, dt)) goto done;
         PROF(1);
         for (int b = 0; b < B; b++) {
-            for (int hh = 0; hh < H; hh++) rope(q + b * qn + (size_t)hh * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd, dt);
-            for (int hh = 0; hh < Hkv; hh++) rope(k + b * kvn + (size_t)hh * hd, cos + (size_t)b * hd, sin + (size_t)b * hd, hd, dt);
+            const float *c = cos + (size_t)positions[b] * hd, *sn = sin + (size_t)positions[b] * hd;
+            for (int hh = 0; hh < H; hh++) rope(q + b * qn + (size_t)hh * hd, c, sn, hd, dt);
+            for (int hh = 0; hh < Hkv; hh++) rope(k + b * kvn + (size_t)hh * hd, c, sn, hd, dt);
             size_t slot = (size_t)write_slots[b] * kvn;
             for (size_t i = 0; i < kvn; i++) { /* the new key and value go into the pool first: a token sees itself */
                 if (cache_dt) {
@@ -834,39 +1003,13 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
         }
 #pragma omp parallel for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
-            for (int hh = 0; hh < H; hh++) {
-                int kh = hh / group;
+            for (int kh = 0; kh < Hkv; kh++) {
                 int64_t pos = positions[b], lo = 0;
                 if (ly->window > 0 && pos - ly->window + 1 > 0) lo = pos - ly->window + 1;
-                const float *qq = q + b * qn + (size_t)hh * hd;
-                float *p = probs + ((size_t)b * H + hh) * S, mx = -INFINITY;
-                for (int64_t s = lo; s <= pos; s++) {
-                    size_t off = (size_t)read_slots[(size_t)b * S + s] * kvn + (size_t)kh * hd;
-                    float d = cache_dt ? bf16_dot((const uint16_t *)ly->kpool + off, qq, hd)
-                                       : f32_dot((const float *)ly->kpool + off, qq, hd);
-                    p[s] = d * scale;
-                    mx = p[s] > mx ? p[s] : mx;
-                }
-                float sum = 0.f;
-                for (int64_t s = lo; s <= pos; s++) {
-                    p[s] = expf(p[s] - mx);
-                    sum += p[s];
-                }
-                float acc[512];
-                for (int i = 0; i < hd; i++) acc[i] = 0.f;
-                for (int64_t s = lo; s <= pos; s++) {
-                    float w = p[s] / sum;
-                    size_t off = (size_t)read_slots[(size_t)b * S + s] * kvn + (size_t)kh * hd;
-                    if (cache_dt) {
-                        w = rnd(1, w); /* probabilities meet the values in the cache's dtype */
-                        bf16_axpy(w, (const uint16_t *)ly->vpool + off, acc, hd);
-                    } else {
-                        const float *vv = (const float *)ly->vpool + off;
-                        for (int i = 0; i < hd; i++) acc[i] += w * vv[i];
-                    }
-                }
-                float *o = att + b * qn + (size_t)hh * hd;
-                for (int i = 0; i < hd; i++) o[i] = rnd(cache_dt, acc[i]);
+                attend_group(q + b * qn + (size_t)kh * group * hd, group, hd, ly->kpool, ly->vpool, cache_dt,
+                             (size_t)kh * hd, kvn, read_slots + (size_t)b * S, lo, pos, scale,
+                             probs + ((size_t)b * H + (size_t)kh * group) * S, S,
+                             att + b * qn + (size_t)kh * group * hd);
             }
         PROF(2);
         job o = {.m = &ly->o, .x = att, .y = h};
@@ -878,8 +1021,7 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
         job gu[2] = {{.m = &ly->gate, .x = h, .y = g}, {.m = &ly->up, .x = h, .y = u}};
         if (run_jobs(gu, 2, B, dt)) goto done;
         PROF(4);
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < B * I; i++) g[i] = rnd(dt, rnd(dt, g[i] / (1.f + expf(-g[i]))) * u[i]);
+        silu_mul(g, u, (size_t)B * I, dt);
         PROF(5);
         job dn = {.m = &ly->down, .x = g, .y = h};
         if (run_jobs(&dn, 1, B, dt)) goto done;
@@ -889,8 +1031,15 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
     }
     rms_norm(x, final_norm, dt, B, D, eps, h);
     for (size_t i = 0; i < (size_t)B * D; i++) store_y(x_io, dt, i, h[i]);
+    if (head) { /* the output head in the same call: one parallel region less, no trip through Python */
+        ylog = (float *)malloc(sizeof(float) * (size_t)B * head->n);
+        if (!ylog) goto done;
+        job hj = {.m = head, .x = h, .y = ylog};
+        if (run_jobs(&hj, 1, B, dt)) goto done;
+        for (size_t i = 0; i < (size_t)B * head->n; i++) store_y(logits, dt, i, ylog[i]);
+    }
     rc = 0;
 done:
-    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(probs);
+    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(probs); free(ylog);
     return rc;
 }

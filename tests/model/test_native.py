@@ -90,6 +90,77 @@ def test_fused_step_logits_equal_the_pytorch_step(checkpoint):
 
 
 @needs_native
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_logits_equal_the_separate_head(checkpoint, dtype, quantize, monkeypatch):
+    """The output head run inside the native step gives the logits of the step and the head run apart."""
+    if quantize != "none" and dtype == torch.float32:
+        pytest.skip("quantised models compute in bfloat16 here")
+    vlm = llavakit.load(checkpoint("next_qwen2_tied"), dtype=dtype, quantize=quantize)
+    model, engine = vlm.model, vlm.engine
+    fused_logits, apart = [], []
+    real = FusedDecoder.logits
+    monkeypatch.setattr(FusedDecoder, "logits",
+                        lambda self, *a: fused_logits.append(real(self, *a).clone()) or fused_logits[-1])
+    conv = [{"role": "user", "content": [{"type": "text", "text": "The quick brown fox jumps over the lazy dog " * 2}]}]
+    first = vlm.generate([conv], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    monkeypatch.setattr(FusedDecoder, "logits", lambda self, *a: None)  # declines: layers natively, the head apart
+    model.lm_head.register_forward_hook(lambda _m, _i, out: apart.append(out.detach().clone()))
+    engine.clear_caches()
+    second = vlm.generate([conv], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    assert first == second
+    assert len(fused_logits) == 7 and len(apart) == 8  # the first token comes from the prompt's step
+    for a, b in zip(fused_logits, apart[1:]):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        if dtype == torch.bfloat16:  # the same kernel as the head's own native product: equal to the bit
+            assert torch.equal(a, b)
+        else:  # float32: the native dot product against PyTorch's, sums in another order
+            assert float((a - b).abs().max()) <= 1e-5
+
+
+@needs_native
+def test_rope_tables_hold_each_position_as_text_py_computes_it(checkpoint):
+    from llavakit.model.layers import rope_cos_sin
+
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.bfloat16)
+    text = vlm.model.language_model
+    fused = text.fused_decode
+    cos, sin = fused._rope(torch.bfloat16, torch.tensor([[1500]]))
+    assert cos.shape[0] == 2048 and cos.dtype == torch.float32  # grown by doubling past the position asked for
+    for p in (0, 1, 17, 1023, 1024, 1500, 2047):
+        want_cos, want_sin = rope_cos_sin(text.inv_freq, torch.tensor([[p]]), torch.bfloat16)
+        assert torch.equal(cos[p], want_cos.reshape(-1).float()) and torch.equal(sin[p], want_sin.reshape(-1).float())
+    assert fused._rope(torch.bfloat16, torch.tensor([[3], [900]]))[0] is cos  # covered: not rebuilt
+
+
+@needs_native
+def test_fused_step_points_at_replaced_pool_tensors(checkpoint):
+    from llavakit.engine.runner import LayerPools
+    from llavakit.model.text import PagedStep
+
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
+    fused = vlm.model.language_model.fused_decode
+    layers = fused._layers(torch.float32)
+    n = len(layers)
+    keys = LayerPools(torch.zeros(32, 2, 8) for _ in range(n))
+    values = LayerPools(torch.zeros(32, 2, 8) for _ in range(n))
+    step = PagedStep(keys=keys, values=values, write_slots=None, read_slots=None, read_valid=None, query_pos=None)
+    fused._point_at(layers, step)
+    assert [layers[i].kpool for i in range(n)] == [t.data_ptr() for t in keys]
+    layers[0].kpool = 12345
+    fused._point_at(layers, step)
+    assert layers[0].kpool == 12345  # nothing replaced since: the structs are left as they are
+    keys[0] = torch.zeros(64, 2, 8)  # the engine grows a pool by replacing its tensors
+    fused._point_at(layers, step)
+    assert layers[0].kpool == keys[0].data_ptr() and keys.version == 1
+    plain = PagedStep(keys=list(keys), values=list(values), write_slots=None, read_slots=None, read_valid=None,
+                      query_pos=None)
+    layers[1].vpool = 12345
+    fused._point_at(layers, plain)  # a plain list has no version: pointed at every time
+    assert layers[1].vpool == values[1].data_ptr()
+
+
+@needs_native
 def test_fused_step_follows_replaced_weights(checkpoint):
     vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.float32)
     conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
