@@ -42,6 +42,9 @@
 #ifndef Q256
 #define Q256 0 /* 1: the 256-bit tile kernel even where 512-bit VNNI is there (for comparison) */
 #endif
+#ifndef QSCALAR
+#define QSCALAR 0 /* 1: activations quantised by the scalar loop even where AVX2 is there (for tests) */
+#endif
 #ifndef QPREFETCH
 #define QPREFETCH 16 /* blocks ahead of a quantised tile the kernels ask the cache for */
 #endif
@@ -88,6 +91,14 @@ static inline float f16_to_f32(uint16_t h) {
 static inline float load_x(const void *x, int xdt, size_t i) {
     return xdt ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
+
+#ifdef __AVX2__
+static inline __m256 load8(const void *x, int xdt, size_t i) { /* 8 values as float32 */
+    if (!xdt) return _mm256_loadu_ps((const float *)x + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
 
 static inline void store_y(void *y, int ydt, size_t i, float v) {
     if (ydt) ((uint16_t *)y)[i] = f32_to_bf16(v);
@@ -287,10 +298,53 @@ static qx qx_carve(char *mem, int M, int K) {
     return x;
 }
 
+#ifdef __AVX2__
+/* One block of 32 values, as the scalar loop below quantises it, to the bit: the same float
+ * products, rounded to nearest even (lrintf's mode) and clamped, and the same scale arithmetic. A
+ * vector of Qwen2-0.5B's MLP (4,864 values) took 15-29 us the scalar way, run serially before each
+ * product. */
+static inline void quantize_block8(const void *x, int xdt, size_t o, int8_t *q, uint8_t *a, float *d_out, float *d8_out) {
+    __m256 v[4], amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int i = 0; i < 4; i++) {
+        v[i] = load8(x, xdt, o + 8 * i);
+        amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), amax); /* a NaN keeps the maximum so far, as `a > amax` does */
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float mx = _mm_cvtss_f32(m4), d = mx / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    __m256i qi[4], sum = _mm256_setzero_si256();
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int i = 0; i < 4; i++) {
+        __m256 f = _mm256_mul_ps(v[i], _mm256_set1_ps(id));
+        qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(f), lo), hi);
+        /* NaN to 0, as (int)lrintf(NaN) gives (the 64-bit conversion's "indefinite" value cut to 32 bits) */
+        qi[i] = _mm256_and_si256(qi[i], _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_ORD_Q)));
+        sum = _mm256_add_epi32(sum, qi[i]);
+    }
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* packs work per 128-bit lane */
+    _mm256_storeu_si256((__m256i *)q, p);
+    _mm256_storeu_si256((__m256i *)a, _mm256_abs_epi8(p));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    *d_out = d;
+    *d8_out = 8.f * d * (float)_mm_cvtsi128_si32(s4);
+}
+#endif
+
 static void quantize_x(const void *x, int xdt, int M, int K, qx out) {
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / QK; b++) {
             size_t o = (size_t)m * K + (size_t)b * QK, bi = (size_t)m * (K / QK) + b;
+#ifdef __AVX2__
+            if (!QSCALAR) {
+                quantize_block8(x, xdt, o, out.q + o, out.a + o, out.d + bi, out.d8 + bi);
+                continue;
+            }
+#endif
             float v[QK], amax = 0.f;
             for (int i = 0; i < QK; i++) {
                 v[i] = load_x(x, xdt, o + i);
@@ -552,13 +606,6 @@ int lk_dequant_tiles(int bits, const void *w, const uint16_t *scales, int G, int
 
 /* ---------------------------------------------------------------- greedy pick */
 
-#ifdef __AVX2__
-static inline __m256 load8(const void *x, int xdt, size_t i) { /* 8 values as float32 */
-    if (!xdt) return _mm256_loadu_ps((const float *)x + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-#endif
 
 /* For each of M rows of N logits (float32 or bfloat16): the index of the first maximum, and the
  * maximum, NaN if the row holds one (what torch.max reports), so the caller can refuse the row.

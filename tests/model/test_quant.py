@@ -83,9 +83,11 @@ def test_kernel_and_dequantised_matmul_agree(bits, dtype):
         assert float(cos) >= 0.9999  # activation blocks quantised to int8 cost less than 1e-4
 
 
+@pytest.mark.parametrize("variant", ["-DQ256=1", "-DQSCALAR=1"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_wide_and_narrow_tile_kernels_agree_to_the_bit(bits, tmp_path):
-    """The 512-bit tile kernel (AVX512-VNNI CPUs) and the 256-bit one sum in another order, yet give equal floats."""
+def test_kernel_variants_agree_to_the_bit(bits, variant, tmp_path):
+    """The 512-bit tile kernel (AVX512-VNNI CPUs) and the 256-bit one sum in another order, and the vector
+    activation quantiser replaces a scalar loop, yet each gives the floats of the other."""
     import ctypes
     import shutil
     import subprocess
@@ -94,23 +96,27 @@ def test_wide_and_narrow_tile_kernels_agree_to_the_bit(bits, tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     if lib is None or cc is None:
         pytest.skip("no native library here")
-    narrow_path = tmp_path / "narrow.so"
-    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-DQ256=1",
-                    str(native.SOURCE), "-o", str(narrow_path), "-lm"], check=True, capture_output=True)
-    narrow = ctypes.CDLL(str(narrow_path))
+    other_path = tmp_path / "other.so"
+    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", variant,
+                    str(native.SOURCE), "-o", str(other_path), "-lm"], check=True, capture_output=True)
+    other = ctypes.CDLL(str(other_path))
     torch.manual_seed(bits)
     for k, group in ((128, 32), (896, 128), (4864, 64)):
         w = torch.randn(75, k)
         q, scales = quantize_tiles(w, bits, group)
-        x = torch.randn(2, k)
-        outs = []
-        for library in (lib, narrow):
-            y = torch.empty(2, 75)
-            fn = library.lk_linear_int8 if bits == 8 else library.lk_linear_int4
-            fn.argtypes = native._SIGNATURES["lk_linear_int8"]
-            assert fn(x.data_ptr(), 0, q.data_ptr(), scales.data_ptr(), group, None, y.data_ptr(), 0, 2, 75, k) == 0
-            outs.append(y)
-        assert torch.equal(outs[0], outs[1]), (k, group)
+        x = torch.randn(2, k) * torch.rand(2, k) ** 4  # a wide spread within blocks
+        x[0, 32:64] = 0  # a block of zeros: scale 0
+        x[1, :32] *= 1e4
+        for xs, code in ((x, 0), (x.to(torch.bfloat16), 1)):
+            outs = []
+            for library in (lib, other):
+                y = torch.empty(2, 75)
+                fn = library.lk_linear_int8 if bits == 8 else library.lk_linear_int4
+                fn.argtypes = native._SIGNATURES["lk_linear_int8"]
+                assert fn(xs.data_ptr(), code, q.data_ptr(), scales.data_ptr(), group, None, y.data_ptr(), 0, 2, 75,
+                          k) == 0
+                outs.append(y)
+            assert torch.equal(outs[0], outs[1]), (k, group, code)
 
 
 def test_without_the_native_library_every_product_is_dequantised(monkeypatch):
