@@ -747,6 +747,7 @@ typedef struct {
     const lk_linear *m;
     const float *x; /* (B, k) float, already rounded to the model dtype */
     float *y;       /* (B, n) */
+    void *y_dt;     /* or, when not NULL, (B, n) in the model dtype: the output head's logits, stored once */
     float *xf;      /* bf16 kind: x laid out for the kernel (bf16_prepare_x) */
     int lo_used;    /* bf16 kind: what bf16_prepare_x returned */
     qx xq;          /* int8 / int4 kinds: x quantised */
@@ -784,7 +785,8 @@ static void job_rows(const job *j, int B, int n0, int R, int dt, int bias_dt) {
         }
         for (int r = 0; r < R; r++) {
             float v = out[r] + (m->bias ? load_t(m->bias, bias_dt, n0 + r) : 0.f);
-            j->y[(size_t)b * m->n + n0 + r] = rnd(dt, v);
+            if (j->y_dt) store_y(j->y_dt, dt, (size_t)b * m->n + n0 + r, v); /* the same bits rnd() would keep */
+            else j->y[(size_t)b * m->n + n0 + r] = rnd(dt, v);
         }
     }
 }
@@ -1019,7 +1021,7 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
     float *q = (float *)malloc(sizeof(float) * B * qn), *k = (float *)malloc(sizeof(float) * B * kvn);
     float *v = (float *)malloc(sizeof(float) * B * kvn), *att = (float *)malloc(sizeof(float) * B * qn);
     float *g = (float *)malloc(sizeof(float) * B * I), *u = (float *)malloc(sizeof(float) * B * I);
-    float *probs = (float *)malloc(sizeof(float) * (size_t)B * H * S), *ylog = NULL;
+    float *probs = (float *)malloc(sizeof(float) * (size_t)B * H * S);
     int rc = -1;
     if (!x || !h || !q || !k || !v || !att || !g || !u || !probs) goto done;
     for (size_t i = 0; i < (size_t)B * D; i++) x[i] = load_t(x_io, dt, i);
@@ -1078,15 +1080,12 @@ int lk_decode_layers(const lk_layer *layers, int L, const void *final_norm, void
     }
     rms_norm(x, final_norm, dt, B, D, eps, h);
     for (size_t i = 0; i < (size_t)B * D; i++) store_y(x_io, dt, i, h[i]);
-    if (head) { /* the output head in the same call: one parallel region less, no trip through Python */
-        ylog = (float *)malloc(sizeof(float) * (size_t)B * head->n);
-        if (!ylog) goto done;
-        job hj = {.m = head, .x = h, .y = ylog};
+    if (head) { /* the output head in the same call: no trip through Python between the two */
+        job hj = {.m = head, .x = h, .y_dt = logits};
         if (run_jobs(&hj, 1, B, dt)) goto done;
-        for (size_t i = 0; i < (size_t)B * head->n; i++) store_y(logits, dt, i, ylog[i]);
     }
     rc = 0;
 done:
-    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(probs); free(ylog);
+    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(probs);
     return rc;
 }
