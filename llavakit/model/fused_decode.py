@@ -164,8 +164,8 @@ class FusedDecoder:
 
     def _head(self, head: nn.Module, dtype: torch.dtype) -> _Linear | None:
         """The output head's struct, kept beside the layers' (same key); None when the kernel cannot take it
-        or when it has hooks, which a native call would skip."""
-        if head._forward_hooks or head._forward_pre_hooks or _global_hooks():
+        or when the head or the decoder has hooks, which this call, made instead of theirs, would skip."""
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (head, self.text)) or _global_hooks():
             return None
         key = (dtype, _assigned, self.text.weights_moved, id(head))
         if self._head_built is None or self._head_built[0] != key:

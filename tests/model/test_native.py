@@ -84,7 +84,7 @@ def test_fused_step_logits_equal_the_pytorch_step(checkpoint):
     model.language_model.fused_decode = None
     vlm.generate([conv], SamplingParams(max_new_tokens=10, ignore_eos=True))
     model.language_model.fused_decode = step
-    assert len(captured["fused"]) == len(captured["plain"]) == 10
+    assert len(captured["fused"]) == len(captured["plain"]) == 10  # the hooked head is never skipped
     for a, b in zip(captured["fused"], captured["plain"]):
         assert float((a - b).abs().max()) <= 1e-4
 
@@ -116,6 +116,17 @@ def test_fused_head_logits_equal_the_separate_head(checkpoint, dtype, quantize, 
             assert torch.equal(a, b)
         else:  # float32: the native dot product against PyTorch's, sums in another order
             assert float((a - b).abs().max()) <= 1e-5
+
+
+@needs_native
+def test_a_hooked_decoder_keeps_its_hooks_called(checkpoint):
+    """The head inside the native step replaces the decoder's module call: hooks on it turn that off."""
+    vlm = llavakit.load(checkpoint("qwen2"), dtype=torch.bfloat16)
+    calls = []
+    vlm.model.language_model.register_forward_hook(lambda *_: calls.append(1))
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]
+    vlm.generate([conv], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(calls) == 5  # the prompt's step and four single-token steps
 
 
 @needs_native
