@@ -8,8 +8,10 @@ text.py (bfloat16 intermediates rounded where PyTorch rounds them), so a model g
 tokens on either path.
 
 `install(model)` attaches the step to a loaded model's TextModel, which hands it every cached
-single-token forward it can take; anything it cannot take (training, other devices or dtypes,
-non-SiLU MLPs, adapters wrapping the linears, no C compiler) runs on the PyTorch path.
+single-token forward it can take; LlavaModel.decode first asks it for the logits (`logits`), the
+output head run in the same call. Anything it cannot take (training, other devices or dtypes,
+non-SiLU MLPs, adapters wrapping the linears, hooks on the head or the decoder, no C compiler)
+runs on the PyTorch path.
 """
 
 from __future__ import annotations
