@@ -29,7 +29,8 @@ may still be asked. Pairs and clips are asked about in one turn.
     ├── images/train-000000.png|.jpg ...  images/test-000000.png|.jpg ...   (never shared)
     ├── videos/train-motion-000000.mkv ...  videos/test-000006.mkv ...     (FFV1: lossless)
     ├── captions.jsonl   stage 1: one "describe" line per train picture
-    ├── train.jsonl      stage 2: `per_image` conversations per picture, picture pairs, clips
+    ├── train.jsonl      stage 2: `per_image` conversations per picture (and, for half the pictures,
+    │                    one "helper-colours" or "helper-places" line), picture pairs, clips
     └── test.jsonl       one conversation per line, the 7 types (of its last question) in turn
 
 Lines use the original LLaVA conversation format; media paths are relative to the JSONL file.
@@ -63,8 +64,8 @@ from PIL import Image, ImageDraw
 
 from ..errors import LlavakitError
 from .scene_questions import WORDINGS  # noqa: F401  (re-exported: the wordings are part of the world)
-from .scene_questions import (PICTURE_TYPES, QUESTION_TYPES, TRAIN_WEIGHTS, Ask, Balance, asks_for, compare_answer,
-                              motion_answer, plan_turns, question)
+from .scene_questions import (HELPER_SHARE, PICTURE_TYPES, QUESTION_TYPES, TRAIN_WEIGHTS, Ask, Balance, asks_for,
+                              compare_answer, helper_line, motion_answer, plan_turns, question)
 from .shapes import COLORS, DIRECTIONS, FRAMES, KINDS, _conversation, _dump, write_video
 
 SIDE = (64, 1024)  # picture sides in px, inclusive
@@ -505,6 +506,15 @@ def _write_train(w: _Writer, n: int, n_compare: int, n_videos: int, per_image: i
                 _dump(train, _picture_line(f"{name}-{k}", image, jpeg, scene, plan, questions, False))
                 stats["questions"][plan[-1].qtype] += 1
                 stats["turns"][str(len(plan))] += 1
+                lines += 1
+            helper = helper_line(rng, scene) if rng.random() < HELPER_SHARE else None
+            if helper is not None:  # training only: see scene_questions.HELPER_WORDINGS
+                kind, text, answer = helper
+                tags = size_tags(scene.width, scene.height) + (["jpeg"] if jpeg else [])
+                _dump(train, _line(f"{name}-helper", f"helper-{kind}", tags, "image", image, "<image>\n",
+                                   [(text, answer)], scene.to_json()))
+                stats["questions"][f"helper-{kind}"] += 1
+                stats["turns"]["1"] += 1
                 lines += 1
 
         by_count: dict[int, list[int]] = {}

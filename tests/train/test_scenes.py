@@ -231,6 +231,32 @@ def picture_turns(line) -> list[tuple[str, str, str]]:
     return [(conv[k]["value"].removeprefix(marker if k == 0 else ""), conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
 
 
+NAME = re.compile(r"\bthe ((?:(?:red|green|blue|yellow|purple|orange) )?(?:circle|square|triangle))\b")
+PREPOSITIONS = ("in the ", "at the ", "on the ")
+
+
+def check_helper(line: dict) -> str:
+    """A training-only helper line: two or three shapes named, each one's value right after its name."""
+    (question, answer), = picture_turns(line)
+    kind = line["type"].removeprefix("helper-")
+    asked = NAME.findall(question.lower())
+    assert 2 <= len(asked) <= 3 and len(set(asked)) == len(asked), question
+    parts = []
+    for name in asked:
+        i = resolve(name, line["shapes"])
+        if kind == "colours":
+            assert name == line["shapes"][i]["kind"], question  # a name with a colour would tell it
+            parts.append(f"the {name} {line['shapes'][i]['color']}")
+        else:
+            sentence, _ = expect("where", {"name": name}, line)
+            place = sentence.removeprefix(f"The {name} is ").removesuffix(".")
+            for prefix in PREPOSITIONS:
+                place = place.removeprefix(prefix)
+            parts.append(f"the {name} {place}")
+    assert answer == "; ".join(parts), (question, answer, parts)
+    return kind
+
+
 # ---- tests ------------------------------------------------------------------------------------
 
 def test_wordings_and_vocabulary():
@@ -253,7 +279,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     kwargs = dict(n_test=14, n_videos=2, n_compare=2)
     runs = (("a", 7, 1), ("b", 7, 2), ("c", 8, 1))  # b: drawn by two worker processes
     a, b, c = (make_scenes(tmp_path / name, 6, seed=seed, workers=w, **kwargs) for name, seed, w in runs)
-    assert a["lines"] == b["lines"] == c["lines"]
+    assert a["lines"] == b["lines"]
+    fixed = ("captions.jsonl", "test.jsonl")  # train.jsonl's helper lines (half the pictures) follow the seed
+    assert [a["lines"][k] for k in fixed] == [c["lines"][k] for k in fixed]
     files_a, files_b, files_c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert files_a == files_b  # JSONL, PNG, JPEG and MKV bytes alike
     for name in FILES:
@@ -353,7 +381,12 @@ def test_pictures_match_metadata_and_pixels(world):
 
 def test_every_answer_rederived_and_nothing_copied(world):
     _, _, data = world
+    helpers = Counter()
     for name, line in all_lines(data):
+        if line["type"].startswith("helper-"):
+            assert name == "train.jsonl"
+            helpers[check_helper(line)] += 1
+            continue
         turns = picture_turns(line)
         if line["type"] == "compare":
             (question, answer), = turns
@@ -390,6 +423,7 @@ def test_every_answer_rederived_and_nothing_copied(world):
             reader.read(key, fields, answer)
             earlier += question + "\n" + answer + "\n"
         assert line["type"] == ("position" if key.startswith("position") else key)
+    assert helpers["colours"] and helpers["places"], helpers  # about half the 50 pictures get one
 
 
 def test_conversations_never_repeat_a_fact():
@@ -455,6 +489,9 @@ def test_what_follows_is_known():
 def test_tags_wordings_and_balance(world):
     _, summary, data = world
     for name, line in all_lines(data):
+        if line["type"].startswith("helper-"):
+            assert line["tags"] == sorted({t for t in line["tags"] if t.startswith("size:") or t in ("aspect:wide", "jpeg")})
+            continue
         turns = picture_turns(line)
         keys = [template_of(q, exact=name == "test.jsonl") for q, _ in turns]
         held = [h for _, h, _ in keys]
