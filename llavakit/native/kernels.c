@@ -606,7 +606,6 @@ int lk_dequant_tiles(int bits, const void *w, const uint16_t *scales, int G, int
 
 /* ---------------------------------------------------------------- greedy pick */
 
-
 /* For each of M rows of N logits (float32 or bfloat16): the index of the first maximum, and the
  * maximum, NaN if the row holds one (what torch.max reports), so the caller can refuse the row.
  * PyTorch's CPU max over 152k bfloat16 logits took 0.45 ms with the conversion: a tenth of an
@@ -669,34 +668,6 @@ static inline float f32_dot(const float *w, const float *x, int K) {
 #endif
     for (; k < K; k++) s += w[k] * x[k];
     return s;
-}
-
-/* dot(bfloat16 k, float32 q) and acc += w * bfloat16 v over one head (hd values). */
-static inline float bf16_dot(const uint16_t *k, const float *q, int hd) {
-    int i = 0;
-    float s = 0.f;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= hd; i += 8) {
-        __m256i v = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(k + i))), 16);
-        acc = _mm256_fmadd_ps(_mm256_castsi256_ps(v), _mm256_loadu_ps(q + i), acc);
-    }
-    s = hsum(acc);
-#endif
-    for (; i < hd; i++) s += bf16_to_f32(k[i]) * q[i];
-    return s;
-}
-
-static inline void bf16_axpy(float w, const uint16_t *v, float *acc, int hd) {
-    int i = 0;
-#ifdef __AVX2__
-    __m256 wv = _mm256_set1_ps(w);
-    for (; i + 8 <= hd; i += 8) {
-        __m256i x = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + i))), 16);
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_castsi256_ps(x), _mm256_loadu_ps(acc + i)));
-    }
-#endif
-    for (; i < hd; i++) acc[i] += w * bf16_to_f32(v[i]);
 }
 
 /* ================================================================ one decode step, all layers
@@ -889,8 +860,7 @@ static inline void f32_dot1x4(const float *k, int hd, const float *q, float *d) 
 }
 #endif
 
-/* One sum over hd float32 values in bf16_dot's order: with a key row widened from bfloat16 (exact),
- * the same number bf16_dot gives. */
+/* dot(k, q) over one head (hd values), one 8-wide sum: a bfloat16 key row is widened first (exact). */
 static inline float f32_dot1(const float *k, const float *q, int hd) {
     int i = 0;
     float s = 0.f;
@@ -903,7 +873,7 @@ static inline float f32_dot1(const float *k, const float *q, int hd) {
     return s;
 }
 
-/* acc += w * v in bf16_axpy's order, v widened already. */
+/* acc += w * v over one head (hd values); a bfloat16 value row is widened first (exact). */
 static inline void f32_axpy1(float w, const float *v, float *acc, int hd) {
     int i = 0;
 #ifdef __AVX2__
@@ -920,7 +890,7 @@ static inline void widen_bf16(const uint16_t *x, float *out, int n) {
 
 /* Attention of the `group` query heads that share one key/value head, for one row: each key and value
  * row is read and widened once for all of them (7 query heads a key/value head in Qwen2-0.5B), and each
- * head's sums run in the order of a head computed alone.
+ * head's dot products and weighted sums run in the order of a head computed alone.
  *   q     (group, hd) the heads' queries          slots  the row's read slots, by position
  *   probs (group, S) scratch                      out    (group, hd) the heads' outputs
  *   kv_off the head's offset within a slot (kh * hd); kvn values a slot */
@@ -986,9 +956,8 @@ static void attend_group(const float *q, int group, int hd, const void *kpool, c
     for (size_t i = 0; i < (size_t)group * hd; i++) out[i] = rnd(cache_dt, out[i]);
 }
 
-
 /* g = silu(g) * u over n values, each result rounded as PyTorch rounds it in dtype dt. A vector
- * exp instead of expf: the two differ by an ulp or two of float32, below a bfloat16 step. */
+ * exp instead of expf: within an ulp of float32, far below a bfloat16 step. */
 static void silu_mul(float *g, const float *u, size_t n, int dt) {
     size_t blocks = (n + 511) / 512;
 #pragma omp parallel for schedule(static) if (n >= 65536)
@@ -1006,7 +975,6 @@ static void silu_mul(float *g, const float *u, size_t n, int dt) {
         for (; i < end; i++) g[i] = rnd(dt, rnd(dt, g[i] / (1.f + expf(-g[i]))) * u[i]);
     }
 }
-
 
 /* x_io (B, D): the new tokens' embeddings in, the final-normed hidden states out. cos, sin: rotary
  * tables (positions, hd) in float32, row p for position p, covering every position given. head, when
