@@ -18,7 +18,9 @@ def _stream(port: int, max_tokens: int, out: dict, started: threading.Event) -> 
 
 
 def test_sigterm_finishes_short_streams_cancels_long_ones_and_exits_0(checkpoint, tmp_path):
-    s = Server(checkpoint("llama"), "shutdown", ["--shutdown-timeout", "1.5"], tmp_path / "server.log")
+    # 40 tokens take tens of milliseconds; 4,000 (the context's limit) at least 1.4 s with the native step on
+    # this tiny model (it did at a timeout of 1.5 s): the timeout lies between.
+    s = Server(checkpoint("llama"), "shutdown", ["--shutdown-timeout", "0.6"], tmp_path / "server.log")
     short, long_ = {}, {}
     events = [threading.Event(), threading.Event()]
     threads = [threading.Thread(target=_stream, args=(s.port, 40, short, events[0])),
