@@ -31,6 +31,22 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+
+
+def portable_args(args: dict) -> dict:
+    """A run's arguments for its results file: paths as strings, relative to the repository when inside it,
+    so that a committed result names no machine's folders."""
+    repo = ROOT.parent
+
+    def text(v):
+        if not isinstance(v, Path):
+            return v
+        try:
+            return str(v.resolve().relative_to(repo))
+        except ValueError:
+            return str(v)
+
+    return {k: text(v) for k, v in args.items()}
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "What colours do you see?",
              "How many objects are there?", "Is it day or night?", "What is on the left?",
              "What is the main subject?", "Write a caption for it."]
@@ -626,7 +642,7 @@ def main() -> int:
     results: dict = {}
 
     def save() -> str:
-        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        meta = portable_args(vars(args))
         (args.out / f"{name}.json").write_text(json.dumps({"args": meta, "machine": machine, "weights": weights,
                                                            "results": results}, indent=2))
         table = report(results, machine, weights, args, ckpt)

@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from compare import portable_args  # noqa: E402
 from llamacpp import LlavakitEngine, machine_info  # noqa: E402
 
 CONFIGS = ("pytorch", "kernels", "fused")
@@ -93,8 +94,8 @@ def main() -> int:
         print(pair, {c: round(r["tok_s"], 1) for c, r in results[pair].items()}, file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"decode-steps-{args.preset}"
-    stem.with_name(stem.name + ".json").write_text(json.dumps({"machine": machine, "args": {
-        k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    stem.with_name(stem.name + ".json").write_text(json.dumps({"machine": machine, "args": portable_args(vars(args)),
+                                                               "results": results}, indent=2, default=str))
     lines = [f"Batch-1 decode, tokens/s — {machine['cpu']}, {args.threads} threads; medians of {args.runs} "
              "alternating runs", "", "| format | pytorch | kernels | fused |", "|---|---|---|---|"]
     for pair, r in results.items():

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from compare import _rss_mb, cached_checkpoint  # noqa: E402  (bench/compare.py: VmRSS/VmHWM in MB; the random checkpoint)
+from compare import _rss_mb, cached_checkpoint, portable_args  # noqa: E402  (bench/compare.py: VmRSS/VmHWM in MB; the random checkpoint)
 PAIRS = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 AGREE_TOKENS = 16
 
@@ -465,7 +465,7 @@ def _cosine_cell(check: dict | None) -> str:
 
 def write(stem: Path, machine: dict, weights: dict, results: dict, args: dict) -> None:
     """The .json with everything and the .md table."""
-    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    meta = portable_args(args)
     stem.with_name(stem.name + ".json").write_text(json.dumps({"args": meta, "machine": machine, "decoder_bytes_per_token": weights,
                                                     "results": results}, indent=2))
     bw = machine["read_bandwidth_gbs"]

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
-from compare import cached_checkpoint  # noqa: E402
+from compare import cached_checkpoint, portable_args  # noqa: E402
 from llamacpp import LlavakitEngine, Worker, machine_info  # noqa: E402
 
 from llavakit.families.base import CLIP_L14_336  # noqa: E402
@@ -139,7 +139,7 @@ def run_speed(args) -> int:
     stem = args.out / f"tensor-parallel-{args.preset}{'-' + str(args.layers) + 'l' if args.layers else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_name(stem.name + ".json").write_text(json.dumps(
-        {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+        {"machine": machine, "args": portable_args(vars(args)),
          "load_average": [load_before, load_after], "heartbeat_s": ping, "results": results}, indent=2))
     lines = [f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, bf16 — {machine['cpu']}; medians "
              f"of {args.runs} alternating runs; 1-minute load average {load_before:.1f} before, {load_after:.1f} after; "
