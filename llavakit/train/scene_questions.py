@@ -238,8 +238,9 @@ def helper_line(rng: random.Random, scene: Scene, varied: bool = True) -> tuple[
     or None when it has too few that fit: "colours" names shapes named by kind alone (a name with a
     colour in it tells the answer), "places" shapes whose place `region` can tell."""
     named = names(scene)
+    cells = [region(scene, s) for s in scene.shapes]
     options = {"colours": [i for i, s in enumerate(scene.shapes) if named[i] == s.kind],
-               "places": [i for i, s in enumerate(scene.shapes) if region(scene, s) is not None]}
+               "places": [i for i, cell in enumerate(cells) if cell is not None]}
     types = [t for t in HELPER_TYPES if len(options[t]) >= 2]
     if not types:
         return None
@@ -252,7 +253,7 @@ def helper_line(rng: random.Random, scene: Scene, varied: bool = True) -> tuple[
     if kind == "colours":
         parts = [f"the {named[i]} {scene.shapes[i].color}" for i in chosen]
     else:
-        parts = [f"the {named[i]} {PLACES[row][col]}" for i in chosen for row, col in [region(scene, scene.shapes[i])]]
+        parts = [f"the {named[i]} {PLACES[cells[i][0]][cells[i][1]]}" for i in chosen]
     return kind, text, "; ".join(parts)
 
 
