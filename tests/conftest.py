@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import zlib
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# quantised loads keep their weights in a disk cache: the session's own, not the user's
+_QUANTIZED_CACHE = tempfile.TemporaryDirectory(prefix="llavakit-quantized-")
+os.environ.setdefault("LLAVAKIT_QUANTIZED_CACHE", _QUANTIZED_CACHE.name)
 
 import llavakit  # noqa: E402
 from reference import load_reference, make_llava, make_llava_next, make_llava_next_video, make_llava_onevision  # noqa: E402,E501

@@ -265,14 +265,17 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
     return model
 
 
-def loading_converter(model: nn.Module, method: str, dtype: torch.dtype, stored_group_size: int | None = None):
+def loading_converter(model: nn.Module, method: str, dtype: torch.dtype, stored_group_size: int | None = None,
+                      cached: bool = False):
     """Prepare `model` (built on the meta device) to be filled quantised; returns weights.py's converter.
 
     Rewrites the layers to quantise as empty QuantLinears and returns the function that turns each
     `X.weight` read from the checkpoint into `X.qweight` and `X.scales` as it arrives, so that no
     unquantised copy of the decoder is ever held. For a tied output head the input embeddings are
     quantised a second time as `lm_head`. stored_group_size: the checkpoint was saved quantised with
-    this group size; its qweight/scales load as stored. Returns None for method "none".
+    this group size; its qweight/scales load as stored. cached: the quantised tensors are read from
+    a second source (llavakit/model/quant_cache.py), as stored, and the checkpoint's `X.weight` is
+    skipped. Returns None for method "none".
     """
     check_method(method)
     if method == "none":
@@ -284,7 +287,9 @@ def loading_converter(model: nn.Module, method: str, dtype: torch.dtype, stored_
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         prefix, _, leaf = name.rpartition(".")
-        if stored_group_size is not None:
+        if cached and leaf == "weight" and prefix in names:
+            return {}  # its quantised form comes from the cache; its file pages were never read
+        if stored_group_size is not None or cached:
             return {name: tensor} if leaf == "scales" and prefix in names else None  # float16 as stored
         if leaf == "weight" and prefix in names:
             q, s = quantize_tiles(tensor, bits, group)
