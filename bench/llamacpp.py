@@ -463,6 +463,10 @@ def _cosine_cell(check: dict | None) -> str:
     return f"{check['min_cosine']:.5f} ({check['steps_compared']} steps)"
 
 
+def _seconds(s: float | None) -> str:
+    return f"{s:.2f}" if s else "—"  # "—": not measured (--no-prefill)
+
+
 def write(stem: Path, machine: dict, weights: dict, results: dict, args: dict) -> None:
     """The .json with everything and the .md table."""
     meta = portable_args(args)
@@ -481,7 +485,7 @@ def write(stem: Path, machine: dict, weights: dict, results: dict, args: dict) -
         tl, to = (1 / dl if dl else None), (1 / do if do else None)
         share = (f"{weights[pair] * tl / 1e9 / bw:.0%} / {weights[pair] * to / 1e9 / bw:.0%}" if tl and to else "—")
         lines.append(f"| {pair} ↔ {PAIRS[pair]} | {tl or 0:.1f} | {to or 0:.1f} | {to / tl if tl and to else 0:.2f}× | "
-                     f"{share} | {pl or 0:.2f} | {po or 0:.2f} | {pl / po if pl and po else 0:.2f}× faster | "
+                     f"{share} | {_seconds(pl)} | {_seconds(po)} | {f'{pl / po:.2f}× faster' if pl and po else '—'} | "
                      f"{r['greedy_agree_tokens']}/{AGREE_TOKENS} | {_cosine_cell(r.get('decode_logits_vs_float32'))} |")
     lines += ["", f"versions: {json.dumps(machine['versions'])}"]
     stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
