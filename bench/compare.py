@@ -34,19 +34,22 @@ ROOT = Path(__file__).resolve().parent
 
 
 def portable_args(args: dict) -> dict:
-    """A run's arguments for its results file: paths as strings, relative to the repository when inside it,
-    so that a committed result names no machine's folders."""
+    """A run's arguments for its results file: paths as strings, relative to the repository when inside it
+    and reduced to their last part when not, so that a committed result names no machine's folders."""
     repo = ROOT.parent
 
     def text(v):
-        if not isinstance(v, Path):
+        if not isinstance(v, (Path, str)) or (isinstance(v, str) and not os.path.isabs(v)):
             return v
+        path = Path(v).resolve()
         try:
-            return str(v.resolve().relative_to(repo))
+            return str(path.relative_to(repo))
         except ValueError:
-            return str(v)
+            return f"(outside the repository)/{path.name}"
 
     return {k: text(v) for k, v in args.items()}
+
+
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "What colours do you see?",
              "How many objects are there?", "Is it day or night?", "What is on the left?",
              "What is the main subject?", "Write a caption for it."]

@@ -39,6 +39,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+from compare import portable_args  # bench/compare.py: results name no machine's folders
 
 QUESTIONS = ["What is in the picture?", "Describe the image in detail.", "What colours do you see?",
              "How many objects are there?", "Is it day or night?", "Write a caption for it."]
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--replicas starts its own servers: give --model")
         runs = run_replicas(args, [int(c) for c in args.replicas.split(",")])
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "reports": runs}, indent=2, default=str))
+            Path(args.json).write_text(json.dumps({"args": portable_args(vars(args)), "reports": runs}, indent=2, default=str))
         return 1 if any(r["failed"] or r["exit_status"] for r in runs.values()) else 0
 
     proc = None
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(+{vision} vision tokens each), {args.max_tokens} output tokens, rate {args.request_rate}, "
                          f"max concurrency {conc}", rep)
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "reports": reports}, indent=2, default=str))
+            Path(args.json).write_text(json.dumps({"args": portable_args(vars(args)), "reports": reports}, indent=2, default=str))
         failed = sum(r["failed"] for r in reports.values())
     finally:
         if proc is not None:

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-from serve import QUESTIONS, chat, launch, png_data_url, scrape, served_model, stop, summary
+from serve import QUESTIONS, chat, portable_args, launch, png_data_url, scrape, served_model, stop, summary
 
 
 def _kinds(model: str, images: list[str], max_tokens: int) -> dict:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server exit status after SIGTERM: {exit_status}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **rep}, f, indent=2)
+            json.dump({"args": portable_args(vars(args)), **rep}, f, indent=2)
     return 1 if rep["unexpected"] else 0
 
 
