@@ -124,7 +124,7 @@ class QuantizedCache:
                 if not self.ready():
                     return False
             mapped = dict(read_tensors(self.folder))
-        except OSError as e:
+        except (OSError, SafetensorError, WeightsError) as e:  # safetensors reports a full disk as its own error
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("could not write the quantised-weight cache under %s (%s); the quantised weights stay "
                         "in memory. Set %s=0 to skip the cache.", self.folder.parent, e, OPT_OUT)
