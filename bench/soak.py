@@ -23,7 +23,8 @@ import time
 from collections import Counter
 from urllib.parse import urlsplit
 
-from serve import QUESTIONS, chat, portable_args, launch, png_data_url, scrape, served_model, stop, summary
+from compare import portable_args
+from serve import QUESTIONS, chat, launch, png_data_url, scrape, served_model, stop, summary
 
 
 def _kinds(model: str, images: list[str], max_tokens: int) -> dict:

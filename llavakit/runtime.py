@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -22,6 +23,14 @@ OPT_OUT = "LLAVAKIT_KEEP_FREED_MEMORY"
 
 _applied: bool | None = None
 
+
+def cache_root() -> Path:
+    """llavakit's cache folder (built native libraries, quantised weights): $LLAVAKIT_CACHE, else
+    $XDG_CACHE_HOME/llavakit, else ~/.cache/llavakit."""
+    if os.environ.get("LLAVAKIT_CACHE"):
+        return Path(os.environ["LLAVAKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llavakit"
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks up to 32 MB in its heap, and trim only above 1 GB free.

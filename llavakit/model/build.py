@@ -73,7 +73,6 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype,
     if cache is not None and not cached:
         cache.store(state)  # the quantised weights move from memory to the mapped cache files
     assign_weights(model, state)
-    del state
     model.tie_weights()
     # Non-persistent buffers are not in the checkpoint; rebuild them on the CPU.
     model.language_model.inv_freq = rope_inv_freq(cfg.text.rope, cfg.text.head_dim)

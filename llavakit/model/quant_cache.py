@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import WeightsError
-from ..runtime import trim_freed_memory
+from ..runtime import cache_root, trim_freed_memory
 from ..weights import read_tensors, weight_files, write_tensors
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ FORMAT = "llavakit-quantized-1"  # bump when the stored layout changes: old entr
 KEEP_ENTRIES = 4  # the most recently used entries kept; older ones are deleted when a new one is written
 STALE_SECONDS = 3600  # a temporary folder this old belongs to a load that was killed
 SHARD_BYTES = 64 * 2**20  # safetensors copies a shard's bytes while writing it: keep that copy small
-
-
-def cache_root() -> Path:
-    """The llavakit cache folder: $LLAVAKIT_CACHE, else $XDG_CACHE_HOME/llavakit, else ~/.cache/llavakit."""
-    if os.environ.get("LLAVAKIT_CACHE"):
-        return Path(os.environ["LLAVAKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llavakit"
 
 
 def cache_folder() -> Path | None:

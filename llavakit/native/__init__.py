@@ -28,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..runtime import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -50,10 +52,7 @@ _SIGNATURES = {
 
 def cache_dir() -> Path:
     """Where built libraries are kept."""
-    if os.environ.get("LLAVAKIT_CACHE"):
-        return Path(os.environ["LLAVAKIT_CACHE"]) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llavakit" / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
