@@ -36,6 +36,10 @@ def run(jobs: list[list[str]], port: int) -> None:
         for argv in rest:
             if main(argv) != 0:
                 raise SystemExit(f"rank {os.environ['RANK']}: {argv} failed")
+        # Both ranks get here before either leaves: rank 0 hosts the store, and a rank 1 still talking
+        # to it as rank 0 exited was seen to abort at exit ("terminate called without an active
+        # exception") after every job had passed. Not on failure: the other rank may never come.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
