@@ -169,25 +169,37 @@ def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
     return tok, tokens
 
 
-def _pinpoints(family: str, side: int) -> list[list[int]] | None:
+MAX_GRID_SIDE = 6  # OneVision's published grids go up to 6x6 tiles
+
+
+def _pinpoints(family: str, side: int, min_tiles: int = 1) -> list[list[int]] | None:
     fam = _family(family)
     if not fam.tiled:
         return None
     if not fam.caps_tiles:  # the published NeXT grids: 2x1, 1x2, 2x2, 3x1, 1x3 tiles
         grids = [(2, 1), (1, 2), (2, 2), (3, 1), (1, 3)]
-    else:  # OneVision: every grid up to 6x6
-        grids = [(r, c) for r in range(1, 7) for c in range(1, 7)]
+    else:  # OneVision: every grid from min_tiles x min_tiles up to 6x6
+        grids = [(r, c) for r in range(min_tiles, MAX_GRID_SIDE + 1) for c in range(min_tiles, MAX_GRID_SIDE + 1)]
     return [[side * r, side * c] for r, c in grids]
 
 
 def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list[Path] = (),
-                    vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9, vision_init: str = "random") -> Path:
+                    vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9, vision_init: str = "random",
+                    min_tiles: int = 1) -> Path:
     """Assemble a new checkpoint folder (see the module docstring); returns `out`.
 
     vision_init: for a vision spec, "random" (normal 0.02) or "structured" (see `_structured_vision_init`).
+    min_tiles: OneVision only: the grids start at min_tiles x min_tiles tiles, so a small picture is
+    scaled up onto at least that grid (the published grids start at 1x1, which keeps a small picture
+    at its own size: a 64 px side is two 32 px patches).
     """
     if vision_init not in ("random", "structured"):
         raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")
+    if min_tiles != 1 and family in FAMILIES and not _family(family).caps_tiles:
+        raise ConfigError(f"--min-tiles is for llava_onevision, whose grids llavakit chooses; {family} uses the "
+                          "published grids. Leave --min-tiles out.")
+    if not 1 <= min_tiles <= MAX_GRID_SIDE:
+        raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
     from tokenizers import AddedToken, Tokenizer
 
     if family not in FAMILIES:
@@ -228,7 +240,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
         "vision_feature_layer": -1 if siglip else -2, "vision_feature_select_strategy": "full" if siglip else "default",
         "text_config": text_cfg, "vision_config": vision_cfg,
     }
-    pins = _pinpoints(family, side)
+    pins = _pinpoints(family, side, min_tiles)
     if pins:
         config["image_grid_pinpoints"] = pins
     if fam.caps_tiles:

@@ -15,7 +15,7 @@ from llavakit.cli import main
 from llavakit.config import VisionConfig
 from llavakit.errors import ConfigError
 from llavakit.train import shapes as S
-from llavakit.train.assemble import init_checkpoint
+from llavakit.train.assemble import _pinpoints, init_checkpoint
 from llavakit.train.tower import CLASSES, pretrain_tower, sample_batch, token_labels
 
 VISION = "siglip:image_size=48,patch_size=16,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -176,7 +176,6 @@ def test_free_patch_targets_give_every_token_of_a_shape_its_whole_centre():
 
 
 def test_free_views_follow_the_processor_and_hold_their_shapes():
-    from llavakit.train.assemble import _pinpoints
     from llavakit.train.tower import free_views
 
     rng = random.Random(5)
@@ -203,6 +202,29 @@ def test_free_world_pretraining_writes_a_tower(tmp_path):
         pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="round")
     with pytest.raises(ConfigError, match="workers must be 0"):
         pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", workers=2)
+    with pytest.raises(ConfigError, match="--min-tiles must be 1 to 6"):
+        pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", min_tiles=0)
+    summary = pretrain_tower(tmp_path / "m", spec, steps=2, batch_size=4, progress=False, world="free", min_tiles=3,
+                             workers=0)
+    assert summary["steps"] == 2 and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_free_views_from_grids_of_at_least_three_tiles_scale_small_pictures_up(monkeypatch):
+    from llavakit.train import scenes, tower
+
+    small = scenes.sample_picture(random.Random(0), 64, 64)  # one tile at the published grids
+    monkeypatch.setattr(tower.scenes, "sample_picture", lambda rng: small)
+    monkeypatch.setattr(tower, "FRAME_SHARE", 0.0)
+    monkeypatch.setattr(tower, "JPEG_SHARE", 0.0)
+
+    def widest_in_a_tile(min_tiles):
+        views = tower.free_views(random.Random(1), 64, _pinpoints("llava_onevision", 64, min_tiles))
+        return max(x1 - x0 for _, _, (x0, _, x1, _) in views[-1][1])  # the last view is a tile
+
+    widest = max(s.box[2] - s.box[0] for s in small[1].shapes)
+    assert widest_in_a_tile(1) == pytest.approx(widest)  # the 64-px picture is its own tile
+    assert widest_in_a_tile(3) == pytest.approx(3 * widest)  # scaled onto 3x3 tiles of 64 px
+
 
 
 def test_a_drawing_worker_gives_the_weights_of_drawing_in_process(tmp_path):

@@ -79,6 +79,32 @@ def test_init_makes_a_checkpoint_transformers_loads(base):
     assert {"<image>", "<video>", "<|im_end|>"} <= {t["content"] for t in tok["added_tokens"]}
 
 
+def test_init_min_tiles_scales_small_pictures_up_as_transformers_does(tmp_path):
+    data = _write_data(tmp_path / "data", n=3)
+    model = init_checkpoint(tmp_path / "m", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300, seed=0,
+                            min_tiles=3)
+    config = json.loads((model / "config.json").read_text())
+    assert min(min(p) for p in config["image_grid_pinpoints"]) == 96  # 3 tiles of 32
+    assert len(config["image_grid_pinpoints"]) == 16  # grids 3x3 .. 6x6
+    vlm = llavakit.load(model, dtype="float32")
+    from reference import onevision_reference_processor
+
+    proc = onevision_reference_processor(model)
+    for size in [(40, 32), (20, 80), (200, 150)]:
+        image = Image.new("RGB", size, "red")
+        conv = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What colour is the picture?"}]}]
+        ref_in = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+        batch = vlm.prepare([conv])
+        assert ref_in["input_ids"].tolist() == batch.input_ids.tolist()
+        assert min(batch.image_layouts[0].grid) >= 3  # even a 20 px side is scaled up onto 3 tiles
+    with pytest.raises(ConfigError, match="--min-tiles is for llava_onevision"):
+        init_checkpoint(tmp_path / "n", "llava_next", VISION, TEXT, corpus=[data], vocab_size=300, min_tiles=2)
+    with pytest.raises(ConfigError, match="--min-tiles must be 1 to 6"):
+        init_checkpoint(tmp_path / "o", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300, min_tiles=7)
+
+
 def test_stages_train_what_they_should_and_the_loss_falls(base, tmp_path):
     model, data = base
     before = _weights(model)
