@@ -191,7 +191,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     vision_init: for a vision spec, "random" (normal 0.02) or "structured" (see `_structured_vision_init`).
     min_tiles: OneVision only: the grids start at min_tiles x min_tiles tiles, so a small picture is
     scaled up onto at least that grid (the published grids start at 1x1, which keeps a small picture
-    at its own size: a 64 px side is two 32 px patches).
+    at its own size, on few patches).
     """
     if vision_init not in ("random", "structured"):
         raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")

@@ -288,6 +288,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
     if workers not in (0, 1):
         raise ConfigError(f"workers must be 0 (draw pictures in this process) or 1, got {workers}.")
+    if not 1 <= min_tiles <= MAX_GRID_SIDE:
+        raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
     torch.manual_seed(seed)
     tower = VisionTower(cfg)
     _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
@@ -301,8 +303,6 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / steps))))
-    if not 1 <= min_tiles <= MAX_GRID_SIDE:
-        raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
     pins = _pinpoints("llava_onevision", cfg.image_size, min_tiles)
     draw = (lambda r, n: sample_free_batch(r, n, cfg, pins)) if free else (lambda r, n: sample_batch(r, n, cfg))
     test = draw(random.Random(f"tower/{seed}/test"), 256)
