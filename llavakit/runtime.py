@@ -32,6 +32,7 @@ def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llavakit"
 
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks up to 32 MB in its heap, and trim only above 1 GB free.
 

@@ -12,8 +12,9 @@
 # seconds go to WORK_DIR/times.txt. N (train pictures), VIDEOS (train clips), TOWER_STEPS,
 # LOOKUP_STEPS (the warm-up's steps, default 0: none), STEPS (stage 2 steps), LR (stage 2's peak
 # learning rate), MIN_TILES (the smallest tile grid's side, see `llavakit init --min-tiles`), TEST
-# (questions per test set) and SEED change the run, smaller for a try-out. PROCS (default 2) is the number of data-parallel processes of
-# stage 1 and 2 (torchrun, one thread each): on 2 cores, 1.28x one process's speed.
+# (questions per test set) and SEED change the run, smaller for a try-out. PROCS (default 2) is the
+# number of data-parallel processes of stage 1 and 2 (torchrun, one thread each): on 2 cores, 1.28x
+# one process's speed.
 set -euo pipefail
 WORK=${1:-shapes-free-run}
 LLAVAKIT=${LLAVAKIT:-llavakit}

@@ -172,6 +172,15 @@ def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
 MAX_GRID_SIDE = 6  # OneVision's published grids go up to 6x6 tiles
 
 
+def check_min_tiles(family: str, min_tiles: int) -> None:
+    """Refuse a smallest-grid side that `_pinpoints` cannot honour, with what to pass instead."""
+    if min_tiles != 1 and family in FAMILIES and not _family(family).caps_tiles:
+        raise ConfigError(f"--min-tiles is for llava_onevision, whose grids llavakit chooses; {family} uses the "
+                          "published grids. Leave --min-tiles out.")
+    if not 1 <= min_tiles <= MAX_GRID_SIDE:
+        raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
+
+
 def _pinpoints(family: str, side: int, min_tiles: int = 1) -> list[list[int]] | None:
     fam = _family(family)
     if not fam.tiled:
@@ -195,11 +204,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     """
     if vision_init not in ("random", "structured"):
         raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")
-    if min_tiles != 1 and family in FAMILIES and not _family(family).caps_tiles:
-        raise ConfigError(f"--min-tiles is for llava_onevision, whose grids llavakit chooses; {family} uses the "
-                          "published grids. Leave --min-tiles out.")
-    if not 1 <= min_tiles <= MAX_GRID_SIDE:
-        raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
+    check_min_tiles(family, min_tiles)
     from tokenizers import AddedToken, Tokenizer
 
     if family not in FAMILIES:

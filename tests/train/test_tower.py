@@ -226,7 +226,6 @@ def test_free_views_from_grids_of_at_least_three_tiles_scale_small_pictures_up(m
     assert widest_in_a_tile(3) == pytest.approx(3 * widest)  # scaled onto 3x3 tiles of 64 px
 
 
-
 def test_a_drawing_worker_gives_the_weights_of_drawing_in_process(tmp_path):
     spec = "siglip:image_size=64,patch_size=32,hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
     for workers in (0, 1):
