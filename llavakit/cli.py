@@ -418,7 +418,8 @@ def cmd_pretrain_tower(args) -> int:
     from .train.tower import pretrain_tower
 
     summary = pretrain_tower(Path(args.out), args.vision, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, world=args.world, workers=args.workers, min_tiles=args.min_tiles)
+                             seed=args.seed, world=args.world, workers=args.workers, min_tiles=args.min_tiles,
+                             max_grid=args.max_grid)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -430,7 +431,7 @@ def cmd_init(args) -> int:
     out = init_checkpoint(Path(args.out), args.family, args.vision, args.text,
                           corpus=[Path(c) for c in args.tokenizer_corpus], vocab_size=args.vocab_size,
                           seed=args.seed, max_tiles=args.max_tiles, vision_init=args.vision_init,
-                          min_tiles=args.min_tiles)
+                          min_tiles=args.min_tiles, max_grid=args.max_grid)
     import llavakit
 
     info = llavakit.load(out, dtype="float32").info()
@@ -779,6 +780,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="processes drawing the pictures beside the training: 1 (default) uses a second core, 0 none")
     ptw.add_argument("--min-tiles", type=int, default=1,
                      help="free world: cut tiles from grids of at least N x N, as `init --min-tiles N` (default 1)")
+    ptw.add_argument("--max-grid", type=int, default=6,
+                     help="free world: and of at most N x N, as `init --max-grid N` (default 6)")
     ptw.set_defaults(func=cmd_pretrain_tower)
 
     ini = sub.add_parser("init", help="assemble a new checkpoint from a vision tower and a language model")
@@ -796,6 +799,8 @@ def _parser() -> argparse.ArgumentParser:
     ini.add_argument("--max-tiles", type=int, default=9, help="OneVision: anyres_max_N")
     ini.add_argument("--min-tiles", type=int, default=1,
                      help="OneVision: tiles a side of the smallest grid (1-6); above 1 a small picture is scaled up")
+    ini.add_argument("--max-grid", type=int, default=6,
+                     help="OneVision: tiles a side of the largest grid (--min-tiles to 6, default 6 as published)")
     ini.add_argument("--vision-init", default="random", choices=["random", "structured"],
                      help="vision spec: random weights, or patch embeddings that average sub-block colours and "
                           "2-D sine-cosine position codes")

@@ -172,39 +172,47 @@ def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
 MAX_GRID_SIDE = 6  # OneVision's published grids go up to 6x6 tiles
 
 
-def check_min_tiles(family: str, min_tiles: int) -> None:
-    """Refuse a smallest-grid side that `_pinpoints` cannot honour, with what to pass instead."""
-    if min_tiles != 1 and family in FAMILIES and not _family(family).caps_tiles:
-        raise ConfigError(f"--min-tiles is for llava_onevision, whose grids llavakit chooses; {family} uses the "
-                          "published grids. Leave --min-tiles out.")
+def check_min_tiles(family: str, min_tiles: int, max_grid: int = MAX_GRID_SIDE) -> None:
+    """Refuse a smallest or largest grid side that `_pinpoints` cannot honour, with what to pass instead."""
+    custom = min_tiles != 1 or max_grid != MAX_GRID_SIDE
+    if custom and family in FAMILIES and not _family(family).caps_tiles:
+        flag = "--min-tiles" if min_tiles != 1 else "--max-grid"
+        raise ConfigError(f"{flag} is for llava_onevision, whose grids llavakit chooses; {family} uses the "
+                          f"published grids. Leave {flag} out.")
     if not 1 <= min_tiles <= MAX_GRID_SIDE:
         raise ConfigError(f"--min-tiles must be 1 to {MAX_GRID_SIDE} (tiles a side), got {min_tiles}.")
+    if not min_tiles <= max_grid <= MAX_GRID_SIDE:
+        raise ConfigError(f"--max-grid must be from --min-tiles ({min_tiles}) to {MAX_GRID_SIDE} (tiles a side), "
+                          f"got {max_grid}.")
 
 
-def _pinpoints(family: str, side: int, min_tiles: int = 1) -> list[list[int]] | None:
+def _pinpoints(family: str, side: int, min_tiles: int = 1, max_grid: int = MAX_GRID_SIDE) -> list[list[int]] | None:
     fam = _family(family)
     if not fam.tiled:
         return None
     if not fam.caps_tiles:  # the published NeXT grids: 2x1, 1x2, 2x2, 3x1, 1x3 tiles
         grids = [(2, 1), (1, 2), (2, 2), (3, 1), (1, 3)]
-    else:  # OneVision: every grid from min_tiles x min_tiles up to 6x6
-        grids = [(r, c) for r in range(min_tiles, MAX_GRID_SIDE + 1) for c in range(min_tiles, MAX_GRID_SIDE + 1)]
+    else:  # OneVision: every grid from min_tiles x min_tiles up to max_grid x max_grid (published: 1 to 6)
+        grids = [(r, c) for r in range(min_tiles, max_grid + 1) for c in range(min_tiles, max_grid + 1)]
     return [[side * r, side * c] for r, c in grids]
 
 
 def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list[Path] = (),
                     vocab_size: int = 1000, seed: int = 0, max_tiles: int = 9, vision_init: str = "random",
-                    min_tiles: int = 1) -> Path:
+                    min_tiles: int = 1, max_grid: int = MAX_GRID_SIDE) -> Path:
     """Assemble a new checkpoint folder (see the module docstring); returns `out`.
 
     vision_init: for a vision spec, "random" (normal 0.02) or "structured" (see `_structured_vision_init`).
     min_tiles: OneVision only: the grids start at min_tiles x min_tiles tiles, so a small picture is
     scaled up onto at least that grid (the published grids start at 1x1, which keeps a small picture
     at its own size, on few patches).
+    max_grid: OneVision only: the grids end at max_grid x max_grid tiles (published: 6). A larger tile
+    with a smaller largest grid covers the same pixels with fewer, bigger tiles, and its base view
+    (the whole picture in one tile) gets more patches.
     """
     if vision_init not in ("random", "structured"):
         raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")
-    check_min_tiles(family, min_tiles)
+    check_min_tiles(family, min_tiles, max_grid)
     from tokenizers import AddedToken, Tokenizer
 
     if family not in FAMILIES:
@@ -245,7 +253,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
         "vision_feature_layer": -1 if siglip else -2, "vision_feature_select_strategy": "full" if siglip else "default",
         "text_config": text_cfg, "vision_config": vision_cfg,
     }
-    pins = _pinpoints(family, side, min_tiles)
+    pins = _pinpoints(family, side, min_tiles, max_grid)
     if pins:
         config["image_grid_pinpoints"] = pins
     if fam.caps_tiles:

@@ -43,7 +43,8 @@ from ..progress import StatusLine, clock
 from ..weights import write_tensors
 from . import scenes
 from . import shapes as S
-from .assemble import _VISION, VISION_SIZE_KEYS, _init_random, _pinpoints, check_min_tiles, parse_spec
+from .assemble import (_VISION, MAX_GRID_SIDE, VISION_SIZE_KEYS, _init_random, _pinpoints, check_min_tiles,
+                       parse_spec)
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
 _ARCH = {k: t.architecture for k, t in TOWERS.items()}
@@ -267,7 +268,7 @@ def _check_spec(vision: str, world: str = "grid") -> dict:
 
 def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 64, lr: float = 1e-3,
                    seed: int = 0, progress: bool = True, world: str = "grid", workers: int = 1,
-                   min_tiles: int = 1) -> dict:
+                   min_tiles: int = 1, max_grid: int = MAX_GRID_SIDE) -> dict:
     """Train a tower of spec `vision` ("siglip:image_size=96,patch_size=32,...") on the shapes
     world's token labels for `steps` AdamW steps and write it under `out`; returns the summary
     (also written as train_summary.json): losses and held-out token accuracies.
@@ -278,7 +279,8 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     `workers` processes draw the pictures beside the training (0: in this process); the same
     arguments give the same weights (pictures come from a generator seeded by `seed`).
     min_tiles: the free world's tiles are cut from OneVision grids of at least min_tiles x min_tiles,
-    as `init --min-tiles` makes the processor cut them.
+    as `init --min-tiles` makes the processor cut them; max_grid: and of at most max_grid x max_grid
+    (`init --max-grid`).
     """
     if world not in ("grid", "free"):
         raise ConfigError(f"world must be grid or free, got {world!r}.")
@@ -288,7 +290,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
     if workers not in (0, 1):
         raise ConfigError(f"workers must be 0 (draw pictures in this process) or 1, got {workers}.")
-    check_min_tiles("llava_onevision", min_tiles)  # the free world's views are OneVision's
+    check_min_tiles("llava_onevision", min_tiles, max_grid)  # the free world's views are OneVision's
     torch.manual_seed(seed)
     tower = VisionTower(cfg)
     _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
@@ -302,7 +304,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / steps))))
-    pins = _pinpoints("llava_onevision", cfg.image_size, min_tiles)
+    pins = _pinpoints("llava_onevision", cfg.image_size, min_tiles, max_grid)
     draw = (lambda r, n: sample_free_batch(r, n, cfg, pins)) if free else (lambda r, n: sample_batch(r, n, cfg))
     test = draw(random.Random(f"tower/{seed}/test"), 256)
     place = torch.arange(tokens)

@@ -204,6 +204,8 @@ def test_free_world_pretraining_writes_a_tower(tmp_path):
         pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", workers=2)
     with pytest.raises(ConfigError, match="--min-tiles must be 1 to 6"):
         pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", min_tiles=0)
+    with pytest.raises(ConfigError, match=r"--max-grid must be from --min-tiles \(3\) to 6"):
+        pretrain_tower(tmp_path / "g", spec, steps=1, progress=False, world="free", min_tiles=3, max_grid=2)
     summary = pretrain_tower(tmp_path / "m", spec, steps=2, batch_size=4, progress=False, world="free", min_tiles=3,
                              workers=0)
     assert summary["steps"] == 2 and (tmp_path / "m" / "model.safetensors").is_file()
@@ -224,6 +226,23 @@ def test_free_views_from_grids_of_at_least_three_tiles_scale_small_pictures_up(m
     widest = max(s.box[2] - s.box[0] for s in small[1].shapes)
     assert widest_in_a_tile(1) == pytest.approx(widest)  # the 64-px picture is its own tile
     assert widest_in_a_tile(3) == pytest.approx(3 * widest)  # scaled onto 3x3 tiles of 64 px
+
+
+def test_free_views_of_a_large_picture_end_at_the_largest_grid(monkeypatch):
+    from llavakit.train import scenes, tower
+
+    big = scenes.sample_picture(random.Random(0), 1000, 1000)
+    monkeypatch.setattr(tower.scenes, "sample_picture", lambda rng: big)
+    monkeypatch.setattr(tower, "FRAME_SHARE", 0.0)
+    monkeypatch.setattr(tower, "JPEG_SHARE", 0.0)
+
+    def widest_in_a_tile(max_grid):
+        views = tower.free_views(random.Random(1), 64, _pinpoints("llava_onevision", 64, 1, max_grid))
+        return max(x1 - x0 for _, _, (x0, _, x1, _) in views[-1][1])
+
+    widest = max(s.box[2] - s.box[0] for s in big[1].shapes)
+    assert widest_in_a_tile(6) == pytest.approx(widest * 384 / 1000)  # 1000 px onto 6 tiles of 64
+    assert widest_in_a_tile(2) == pytest.approx(widest * 128 / 1000)  # ... onto 2
 
 
 def test_a_drawing_worker_gives_the_weights_of_drawing_in_process(tmp_path):

@@ -105,6 +105,35 @@ def test_init_min_tiles_scales_small_pictures_up_as_transformers_does(tmp_path):
         init_checkpoint(tmp_path / "o", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300, min_tiles=7)
 
 
+def test_init_max_grid_ends_the_grids_and_transformers_tiles_the_same(tmp_path):
+    data = _write_data(tmp_path / "data", n=3)
+    model = init_checkpoint(tmp_path / "m", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300, seed=0,
+                            min_tiles=2, max_grid=3, max_tiles=4)
+    config = json.loads((model / "config.json").read_text())
+    assert sorted(map(tuple, config["image_grid_pinpoints"])) == [(64, 64), (64, 96), (96, 64), (96, 96)]
+    assert config["vision_aspect_ratio"] == "anyres_max_4"
+    vlm = llavakit.load(model, dtype="float32")
+    from reference import onevision_reference_processor
+
+    proc = onevision_reference_processor(model)
+    for size in [(20, 80), (300, 200), (1000, 250)]:
+        image = Image.new("RGB", size, "blue")
+        conv = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What colour is the picture?"}]}]
+        ref_in = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+        batch = vlm.prepare([conv])
+        assert ref_in["input_ids"].tolist() == batch.input_ids.tolist()
+        assert 2 <= min(batch.image_layouts[0].grid) and max(batch.image_layouts[0].grid) <= 3
+    with pytest.raises(ConfigError, match="--max-grid is for llava_onevision"):
+        init_checkpoint(tmp_path / "n", "llava_next", VISION, TEXT, corpus=[data], vocab_size=300, max_grid=4)
+    for bad in (1, 7):
+        message = rf"--max-grid must be from --min-tiles \(2\) to 6 \(tiles a side\), got {bad}"
+        with pytest.raises(ConfigError, match=message):
+            init_checkpoint(tmp_path / "o", "llava_onevision", VISION, TEXT, corpus=[data], vocab_size=300,
+                            min_tiles=2, max_grid=bad)
+
+
 def test_stages_train_what_they_should_and_the_loss_falls(base, tmp_path):
     model, data = base
     before = _weights(model)
