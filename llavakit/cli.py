@@ -44,7 +44,7 @@ TRAIN_STAGES = ("projector", "full", "lora")
 TRAIN_DEFAULTS = dict(stage="full", epochs=1.0, batch_size=8, grad_accum=1, lr=2e-5, warmup_ratio=0.03,
                       weight_decay=0.0, max_grad_norm=1.0, max_length=2048, lora_r=8, lora_alpha=16,
                       lora_dropout=0.0, save_every=0, eval_every=0, keep_checkpoints=2, on_bad_data="fail",
-                      group_by_length=False, seed=0)
+                      group_by_length=False, share_media=False, seed=0)
 
 # --threads auto: one thread for models this small. A step of theirs is mostly Python, so a second
 # thread gains nothing, and when another process holds a core every parallel op waits for the
@@ -468,7 +468,7 @@ def cmd_train(args) -> int:
                       train_vision=args.train_vision, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, save_every=args.save_every, eval_every=args.eval_every,
                       keep_checkpoints=args.keep_checkpoints, on_bad_data=args.on_bad_data,
-                      group_by_length=args.group_by_length, seed=args.seed)
+                      group_by_length=args.group_by_length, share_media=args.share_media, seed=args.seed)
     model = args.model or SHIPPED_MODEL_NAME
     set_threads(args.threads, None if args.threads is not None else _checkpoint_parameters(model))
     resume = True if args.resume == "latest" else (Path(args.resume) if args.resume else False)
@@ -843,6 +843,9 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--group-by-length", action="store_true",
                      help="fill each step with conversations of about one length, so less of it is padding "
                           "(the order stays a function of --seed)")
+    trn.add_argument("--share-media", action="store_true",
+                     help="train the records of one picture or video together, as one sequence that holds the "
+                          "media's tokens once and each conversation after them; the same loss for less compute")
     trn.add_argument("--resume", nargs="?", const="latest",
                      help="continue from the newest checkpoint-N in --out, or from the folder given")
     trn.add_argument("--overwrite", action="store_true",

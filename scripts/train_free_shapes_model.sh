@@ -77,6 +77,6 @@ resume=--overwrite
 if compgen -G "$WORK/model/checkpoint-*" > /dev/null; then resume=--resume; fi
 step stage2 train --model "$WORK/$start" --data "$WORK/data/train.jsonl" --out "$WORK/model" $resume \
     --stage full --max-steps ${STEPS:-4000} --lr ${LR:-1e-3} --warmup-ratio 0.03 --bf16 --compile --group-by-length \
-    --save-every "$SAVE_EVERY" --seed "$SEED"
+    --share-media --save-every "$SAVE_EVERY" --seed "$SEED"
 step eval $PYTHON "$(dirname "$0")/eval_shapes.py" --model "$WORK/model" --out "$WORK/eval" --n "$TEST" --seed 1
 cat "$WORK/times.txt"

@@ -70,13 +70,17 @@ class PagedStep:
         return allowed[:, None]
 
 
-def attention_mask(valid: torch.Tensor | None, t: int, window: int | None, device) -> torch.Tensor | None:
+def attention_mask(valid: torch.Tensor | None, t: int, window: int | None, device,
+                   segments: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, T) mask for a forward without cache; None when plain causal suffices.
 
     valid: (B, T) bool, False at padding. A query always sees itself, so that padding rows stay
     finite instead of softmaxing an empty set.
+    segments: (B, T) ints for rows that pack several sequences after one shared prefix (training
+    with shared media): 0 marks the prefix, which every later token sees; a token of segment k > 0
+    sees the prefix and the earlier tokens of segment k only, as if it were alone after the prefix.
     """
-    if valid is None and window is None:
+    if valid is None and window is None and segments is None:
         return None  # SDPA's is_causal fast path (and a single token sees itself)
     q_idx = torch.arange(t, device=device)[:, None]  # (T, 1)
     k_idx = torch.arange(t, device=device)[None, :]  # (1, T)
@@ -86,6 +90,9 @@ def attention_mask(valid: torch.Tensor | None, t: int, window: int | None, devic
     allowed = allowed[None, None]  # (1, 1, T, S)
     if valid is not None:
         allowed = allowed & valid[:, None, None, :]
+    if segments is not None:
+        seg = segments.to(device)
+        allowed = allowed & ((seg[:, None, None, :] == 0) | (seg[:, None, None, :] == seg[:, None, :, None]))
     return allowed | (k_idx == q_idx)[None, None]
 
 
@@ -207,6 +214,7 @@ class TextModel(nn.Module):
         positions: torch.Tensor,
         valid: torch.Tensor | None,
         cache: PagedStep | None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder on new tokens.
 
@@ -214,6 +222,9 @@ class TextModel(nn.Module):
         valid: (B, T) bool, False at padding (None: no padding); only without a cache, a PagedStep
         carries its own.
         cache: the engine's PagedStep (keys and values written into its pool), or None for a plain forward.
+        segments: without a cache, sequences packed after a shared prefix (see `attention_mask`);
+        positions then restart after the prefix for each. Not with sliding windows, which count
+        by index.
         Returns final-normed hidden states (B, T, D).
         """
         t = embeds.shape[1]
@@ -223,10 +234,12 @@ class TextModel(nn.Module):
                 return hidden
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
         windows = set(self.cfg.sliding_windows)
+        if segments is not None and (cache is not None or windows != {None}):
+            raise ValueError("packed segments need a forward without cache and a model without sliding windows.")
         if cache is not None:
             masks = {w: cache.mask(w) for w in windows}
         else:
-            masks = {w: attention_mask(valid, t, w, embeds.device) for w in windows}
+            masks = {w: attention_mask(valid, t, w, embeds.device, segments) for w in windows}
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.cfg.sliding_windows[i]], i, cache)

@@ -90,6 +90,16 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Media:
+    """One conversation's images and videos, preprocessed: tower inputs and layouts, in order."""
+
+    pixel_values: np.ndarray | None  # (tiles of all images, 3, S, S)
+    image_layouts: tuple[ImageLayout, ...]
+    video_pixels: np.ndarray | None  # (frames of all videos, 3, S, S)
+    video_layouts: tuple[VideoLayout, ...]
+
+
+@dataclass(frozen=True)
 class Encoded:
     """One conversation, ready to batch."""
 
@@ -306,28 +316,38 @@ class Processor:
         caller vouches for the whole prompt.
         image_details: per image, "low", "high", "auto" or None (the processor's default); see `choose_layout`.
         """
-        tok = self.tokenizer
+        return self.encode_with_media(prompt, self.media_inputs(image_sources, videos, image_details), plain_spans)
+
+    def media_inputs(self, image_sources: list[Any], videos: list[VideoPart] = (),
+                     image_details: Sequence[str | None] = ()) -> Media:
+        """Load and preprocess one conversation's images and videos (see `encode_prompt`)."""
         images = [load_image(src) for src in image_sources]
         details = list(image_details) + [None] * (len(images) - len(image_details))
         layouts = [self.choose_layout((im.height, im.width), len(images), d, k)
                    for k, (im, d) in enumerate(zip(images, details))]
         image_in = [(self.image_pixels(im, x), x) for im, x in zip(images, layouts)]
         video_in = [self.video_inputs(v) for v in videos]
-        m = self.model
-        placeholders = [Placeholder(tok.image_token, m.image_token_id, [x.tokens for _, x in image_in], "image"),
-                        Placeholder(tok.video_token, m.video_token_id, [x.tokens for _, x in video_in], "video")]
-        if self.original:
-            ids = chunked_ids(tok, prompt, placeholders, plain_spans)
-        else:
-            ids = expand_placeholder_ids(tok.encode(prompt, plain_spans), placeholders)
-        return Encoded(
-            prompt=prompt,
-            input_ids=ids,
+        return Media(
             pixel_values=np.concatenate([t for t, _ in image_in]) if image_in else None,
             image_layouts=tuple(x for _, x in image_in),
             video_pixels=np.concatenate([f for f, _ in video_in]) if video_in else None,
             video_layouts=tuple(x for _, x in video_in),
         )
+
+    def encode_with_media(self, prompt: str, media: Media, plain_spans: Sequence[tuple[int, int]] = ()) -> Encoded:
+        """`encode_prompt` with the media already prepared by `media_inputs`: several prompts about the
+        same media (training conversations about one picture) preprocess it once."""
+        tok, m = self.tokenizer, self.model
+        placeholders = [
+            Placeholder(tok.image_token, m.image_token_id, [x.tokens for x in media.image_layouts], "image"),
+            Placeholder(tok.video_token, m.video_token_id, [x.tokens for x in media.video_layouts], "video"),
+        ]
+        if self.original:
+            ids = chunked_ids(tok, prompt, placeholders, plain_spans)
+        else:
+            ids = expand_placeholder_ids(tok.encode(prompt, plain_spans), placeholders)
+        return Encoded(prompt=prompt, input_ids=ids, pixel_values=media.pixel_values, image_layouts=media.image_layouts,
+                       video_pixels=media.video_pixels, video_layouts=media.video_layouts)
 
     def collate(self, items: list[Encoded]) -> Batch:
         """Left-pad encoded conversations into one batch."""

@@ -26,7 +26,7 @@ import torch
 
 from ..anyres import ImageLayout, VideoLayout
 from ..errors import LlavakitError
-from ..processing.processor import Processor
+from ..processing.processor import Media, Processor
 from ..processing.processor import collate as pad_batch
 from ..processing.prompt import render_template, split_conversation
 
@@ -62,6 +62,10 @@ class Example:
     image_layouts: tuple[ImageLayout, ...]
     video_pixels: np.ndarray | None  # (frames, 3, S, S)
     video_layouts: tuple[VideoLayout, ...]
+    # Several conversations packed after one shared prefix (packing.py): per token its rope position
+    # and segment (0: the prefix); None for one conversation (positions 0, 1, ...).
+    positions: list[int] | None = None
+    segments: list[int] | None = None
 
     image_tiled = property(lambda self: tuple(x.tiled for x in self.image_layouts), doc="Per image, whether tiled.")
 
@@ -77,6 +81,8 @@ class TrainBatch:
     image_layouts: tuple[ImageLayout, ...]
     video_pixels: torch.Tensor | None
     video_layouts: tuple[VideoLayout, ...]
+    positions: torch.Tensor | None = None  # (B, T) rope positions, when a row packs conversations
+    segments: torch.Tensor | None = None  # (B, T) their segments (see packing.py), 0 at padding
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -278,12 +284,21 @@ def _close_turns(proc: Processor, text: str, spans: list[tuple[int, int]],
     return "".join(out), new_spans
 
 
-def encode_example(proc: Processor, messages: list[dict], max_length: int | None = None) -> Example:
-    """Token ids and labels of one conversation, with its media preprocessed (raises DataError)."""
+def encode_example(proc: Processor, messages: list[dict], max_length: int | None = None,
+                   media: Example | None = None) -> Example:
+    """Token ids and labels of one conversation, with its media preprocessed (raises DataError).
+
+    media: an example of the same media (same sources, details and order: `packing.media_key`),
+    whose preprocessed media this one reuses instead of loading them again.
+    """
     text, spans = assistant_spans(proc, messages)
     conv = split_conversation(messages)
     # ids exactly as inference would tokenize them
-    enc = proc.encode_prompt(text, conv.images, conv.videos, image_details=conv.image_details)
+    if media is not None:
+        enc = proc.encode_with_media(text, Media(media.pixel_values, media.image_layouts, media.video_pixels,
+                                                 media.video_layouts))
+    else:
+        enc = proc.encode_prompt(text, conv.images, conv.videos, image_details=conv.image_details)
     labels = _labels(proc, text, spans, enc)
     if max_length is not None and len(enc.input_ids) > max_length:
         raise DataError(f"{len(enc.input_ids)} tokens after tokenization, more than --max-length {max_length}")
@@ -354,8 +369,16 @@ def collate(examples: list[Example], pad_token_id: int) -> TrainBatch:
     labels = torch.full(tuple(batch.input_ids.shape), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
+    positions = segments = None
+    if any(e.segments is not None for e in examples):
+        positions, segments = torch.zeros_like(labels), torch.zeros_like(labels)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            positions[row, :n] = torch.tensor(e.positions) if e.positions is not None else torch.arange(n)
+            if e.segments is not None:
+                segments[row, :n] = torch.tensor(e.segments)
     return TrainBatch(
         input_ids=batch.input_ids, labels=labels, attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values, image_layouts=batch.image_layouts,
-        video_pixels=batch.video_pixels, video_layouts=batch.video_layouts,
+        video_pixels=batch.video_pixels, video_layouts=batch.video_layouts, positions=positions, segments=segments,
     )

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ConfigError, LlavakitError
 from ..progress import StatusLine, clock
-from . import distributed
+from . import distributed, packing
 from .data import DataError, Example, Record, collate, encode_example, read_records
 from .distributed import SINGLE, World
 from .objective import Objective, enable_checkpointing, loss_sum
@@ -72,6 +72,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_bad_data: str = "fail"  # or "skip"
     group_by_length: bool = False  # each step's conversations of about one length (less padding)
+    share_media: bool = False  # records of the same media trained together, the media once (packing.py)
     seed: int = 0
     log_every: int = 1
 
@@ -191,30 +192,41 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 LENGTH_WINDOW = 64  # group_by_length sorts this many batches' worth of shuffled records at a time
 
 
-def _order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch: int = 1) -> list[int]:
+def _order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch: int = 1,
+           groups: list[list[int]] | None = None) -> list[int]:
     """Epoch `epoch`'s order of the records: a shuffle of (seed, epoch). With `lengths`, consecutive
     runs of `batch` hold records of about one length (padding to a batch's longest costs compute:
     the free shapes world's conversations span 50 to 300 tokens, and random batches of 16 were 44%
     padding): windows of LENGTH_WINDOW batches of the shuffle are sorted by length and cut into
     batches, whose order is shuffled again, as LLaVA's and transformers' group-by-length samplers do.
-    The windows' leftovers, fewer than `batch` each, come last."""
+    The windows' leftovers, fewer than `batch` each, come last.
+    groups: record indices that stay adjacent (the same media, see packing.py): the groups are
+    shuffled and, with `lengths`, sorted by their total length; a group can still straddle two batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
+    if groups is None:
+        units = [[i] for i in torch.randperm(n, generator=g).tolist()]
+    else:
+        units = [groups[k] for k in torch.randperm(len(groups), generator=g).tolist()]
     if lengths is None or batch <= 1:
-        return order
+        return [i for unit in units for i in unit]
     window = batch * LENGTH_WINDOW
-    batches, rest = [], []
-    for start in range(0, n, window):
-        part = sorted(order[start:start + window], key=lambda i: lengths[i])
-        full = len(part) // batch * batch
-        batches += [part[j:j + batch] for j in range(0, full, batch)]
-        rest += part[full:]
+    batches, rest, start = [], [], 0
+    while start < len(units):
+        part, size = [], 0
+        while start < len(units) and size < window:
+            part.append(units[start])
+            size += len(units[start])
+            start += 1
+        flat = [i for unit in sorted(part, key=lambda u: sum(lengths[i] for i in u)) for i in unit]
+        full = len(flat) // batch * batch
+        batches += [flat[j:j + batch] for j in range(0, full, batch)]
+        rest += flat[full:]
     return [i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]] + rest
 
 
-def _encode(proc, rec: Record, cfg: TrainConfig, log) -> Example | None:
+def _encode(proc, rec: Record, cfg: TrainConfig, log, media: Example | None = None) -> Example | None:
     try:
-        return encode_example(proc, rec.messages, cfg.max_length)
+        return encode_example(proc, rec.messages, cfg.max_length, media)
     except LlavakitError as e:
         message = f"{rec.path.name} line {rec.line}: {e}"
         if cfg.on_bad_data == "fail":
@@ -347,6 +359,9 @@ def _train(model_dir, data: Path, out: Path, cfg: TrainConfig, eval_data, resume
         adapters = lora.add_adapters(model, lora.LoraConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
         if start_from is not None:
             lora.load_adapter_weights(adapters, model, start_from)
+    if cfg.share_media and any(w is not None for w in model.cfg.text.sliding_windows):
+        raise ConfigError("--share-media packs conversations by position, which sliding-window attention does not "
+                          "allow; train this model without it.")
     trainable = _set_trainable(model, cfg)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -393,18 +408,31 @@ def _train(model_dir, data: Path, out: Path, cfg: TrainConfig, eval_data, resume
     pad = vlm.processor.pad_token_id
     objective.train()
     lengths = [rec.tokens for rec in records] if cfg.group_by_length else None
-    order = _order(len(records), cfg.seed, state.epoch, lengths, global_batch)
+    keys = [packing.media_key(rec) for rec in records] if cfg.share_media else None
+    groups = packing.media_groups(keys) if keys is not None else None
+    media_ids = {t for t in (model.cfg.image_token_id, model.cfg.video_token_id) if t is not None}
+    order = _order(len(records), cfg.seed, state.epoch, lengths, global_batch, groups)
     history, started, last_eval = [], time.perf_counter(), None
     done_at_start, start_step = state.samples, state.step
     status = StatusLine() if progress else None
     while state.step < total:
         opt.zero_grad(set_to_none=True)
-        picked, order = _take(state, order, len(records), cfg.seed, global_batch, lengths)
+        picked, order = _take(state, order, len(records), cfg.seed, global_batch, lengths, groups)
         mine = distributed.share(picked, world)
         batches = []
         for m in range(cfg.grad_accum):
             chosen = mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            examples = [e for i in chosen if (e := _encode(vlm.processor, records[i], cfg, note))]
+            if keys is None:
+                examples = [e for i in chosen if (e := _encode(vlm.processor, records[i], cfg, note))]
+            else:  # a picture's conversations: preprocessed once, then packed after its tokens
+                encoded, seen = [], {}
+                for i in chosen:
+                    e = _encode(vlm.processor, records[i], cfg, note, seen.get(keys[i]))
+                    if e is not None:
+                        encoded.append((i, e))
+                        if keys[i] is not None:
+                            seen.setdefault(keys[i], e)
+                examples = packing.pack_batch([e for _, e in encoded], [keys[i] for i, _ in encoded], media_ids)
             if not examples and filler is None:
                 filler = _filler(vlm.processor, records, cfg)
             batches.append((collate(examples or [filler], pad), 1.0 if examples else 0.0))
@@ -456,7 +484,7 @@ def _train(model_dir, data: Path, out: Path, cfg: TrainConfig, eval_data, resume
 
 
 def _take(state: _Progress, order: list[int], n_records: int, seed: int, count: int,
-          lengths: list[int] | None = None) -> tuple[list[int], list[int]]:
+          lengths: list[int] | None = None, groups: list[list[int]] | None = None) -> tuple[list[int], list[int]]:
     """The next `count` indices of the epochs' record orders (a step's global batch), and the current order.
 
     Advances `state` (cursor, epoch); every rank computes the same, so they agree without talking.
@@ -465,7 +493,7 @@ def _take(state: _Progress, order: list[int], n_records: int, seed: int, count: 
     while len(picked) < count:
         if state.cursor >= len(order):
             state.epoch, state.cursor = state.epoch + 1, 0
-            order = _order(n_records, seed, state.epoch, lengths, count)
+            order = _order(n_records, seed, state.epoch, lengths, count, groups)
         picked.append(order[state.cursor])
         state.cursor += 1
     return picked, order
@@ -499,6 +527,7 @@ def _check_resume(start_from: Path, cfg: TrainConfig, world: World) -> None:
     saved = json.loads((start_from / "train_config.json").read_text())
     saved_world = saved.pop("world_size", 1)  # absent from runs of one process made before it was written
     saved.setdefault("group_by_length", False)  # absent from runs made before it existed
+    saved.setdefault("share_media", False)
     mine = _jsonable(cfg)
     others = {k: v for k, v in saved.items() if k not in _SPLIT}
     if others != {k: v for k, v in mine.items() if k not in _SPLIT}:

@@ -23,11 +23,14 @@ def loss_sum(model: LlavaModel, batch: TrainBatch) -> tuple[torch.Tensor, int]:
     """Summed float32 cross-entropy over the batch's targets, and their number."""
     device = model.device
     mask = batch.attention_mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    if batch.positions is not None:  # conversations packed after a shared prefix (packing.py)
+        positions = batch.positions.to(device)
+    else:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     valid = mask.bool() if bool((mask == 0).any()) else None
     embeds = model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_layouts,
                                 batch.video_pixels, batch.video_layouts)  # (B, T, D)
-    hidden = model.language_model(embeds, positions, valid, None)  # (B, T, D)
+    hidden = model.language_model(embeds, positions, valid, None, batch.segments)  # (B, T, D)
     targets = batch.labels.to(device)[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][keep])  # (n, V)
