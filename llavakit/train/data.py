@@ -50,6 +50,7 @@ class Record:
     # The line's "tags" (strings; anything else there is ignored): conditions an evaluation groups by.
     tags: tuple[str, ...] = ()
     tokens: int = 0  # about how many tokens, images included (the check before training counts them)
+    media_tokens: int = 0  # how many of them are its images' and videos' tokens
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def load_dataset(path: Path, vlm, cfg: TrainConfig, image_folder: Path | None = 
     """
     parsed = list(read_records(path, image_folder))
     verdicts = {}  # index in `parsed` -> why the record is bad
-    lengths = {}  # index in `parsed` -> about how many tokens
+    lengths = {}  # index in `parsed` -> about how many tokens, and how many of them its media's
     for i in range(world.rank, len(parsed), world.size):
         rec = parsed[i]
         if isinstance(rec, DataError):
@@ -111,7 +111,8 @@ def load_dataset(path: Path, vlm, cfg: TrainConfig, image_folder: Path | None = 
     for bad_part, length_part in distributed.gather(world, (verdicts, lengths)):
         verdicts.update(bad_part)
         lengths.update(length_part)
-    good = [dataclasses.replace(rec, tokens=lengths[i]) for i, rec in enumerate(parsed) if i not in verdicts]
+    good = [dataclasses.replace(rec, tokens=lengths[i][0], media_tokens=lengths[i][1])
+            for i, rec in enumerate(parsed) if i not in verdicts]
     bad = [verdicts[i] for i in sorted(verdicts)]
     for message in bad:
         log(f"[llavakit] bad record: {message}")
@@ -125,9 +126,9 @@ def load_dataset(path: Path, vlm, cfg: TrainConfig, image_folder: Path | None = 
     return good
 
 
-def check_record(proc, rec: Record, max_length: int) -> int:
-    """About how many tokens the record takes, images included; a LlavakitError if it cannot be
-    trained on (cheap: image headers, no pixels)."""
+def check_record(proc, rec: Record, max_length: int) -> tuple[int, int]:
+    """About how many tokens the record takes, images included, and how many of them are its media's;
+    a LlavakitError if it cannot be trained on (cheap: image headers, no pixels)."""
     from PIL import Image
 
     from ..processing.image import load_image
@@ -156,7 +157,7 @@ def check_record(proc, rec: Record, max_length: int) -> int:
     length = len(proc.tokenizer.encode(text)) + n
     if length > max_length:
         raise DataError(f"about {length} tokens after tokenization, more than --max-length {max_length}")
-    return length
+    return length, n
 
 
 def _set_trainable(model, cfg: TrainConfig) -> list[str]:
@@ -410,6 +411,10 @@ def _train(model_dir, data: Path, out: Path, cfg: TrainConfig, eval_data, resume
     lengths = [rec.tokens for rec in records] if cfg.group_by_length else None
     keys = [packing.media_key(rec) for rec in records] if cfg.share_media else None
     groups = packing.media_groups(keys) if keys is not None else None
+    if lengths is not None and groups is not None:
+        for group in groups:  # packed, a group holds its media's tokens once: its length is the sum
+            for i in group[1:]:
+                lengths[i] -= records[i].media_tokens
     media_ids = {t for t in (model.cfg.image_token_id, model.cfg.video_token_id) if t is not None}
     order = _order(len(records), cfg.seed, state.epoch, lengths, global_batch, groups)
     history, started, last_eval = [], time.perf_counter(), None

@@ -16,7 +16,7 @@ from llavakit.model.text import attention_mask
 from llavakit.train import packing
 from llavakit.train.assemble import init_checkpoint
 from llavakit.train.data import collate, encode_example, read_records
-from llavakit.train.loop import TrainConfig, _order, train
+from llavakit.train.loop import TrainConfig, _order, load_dataset, train
 from llavakit.train.objective import loss_sum
 
 VISION = "siglip:image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -133,6 +133,16 @@ def test_the_order_keeps_each_groups_records_together_and_singletons_change_noth
         assert _order(40, 1, 0, lengths, batch) == _order(40, 1, 0, lengths, batch, [[i] for i in range(40)])
     grouped = _order(40, 1, 0, lengths, 4, [[i, i + 1] for i in range(0, 40, 2)])
     assert sorted(grouped) == list(range(40))
+
+
+def test_the_check_before_training_counts_each_records_media_tokens(tiny):
+    model, data = tiny
+    vlm = open_checkpoint(model, dtype=torch.float32, device="cpu")
+    records = load_dataset(data, vlm, TrainConfig(), log=lambda *_: None)
+    for rec in records[:3]:
+        example = encode_example(vlm.processor, rec.messages)
+        assert rec.media_tokens == sum(x.tokens for x in example.image_layouts) > 0
+        assert rec.tokens - 1 == len(example.input_ids)  # "about": the placeholder is counted as well
 
 
 def test_segments_see_the_prefix_and_themselves():
