@@ -11,8 +11,10 @@
 # stage 2 saves a checkpoint every SAVE_EVERY steps and goes on from the newest one. Each step's
 # seconds go to WORK_DIR/times.txt. N (train pictures), VIDEOS (train clips), TOWER_STEPS,
 # LOOKUP_STEPS (the warm-up's steps, default 0: none), STEPS (stage 2 steps), LR (stage 2's peak
-# learning rate), MIN_TILES and MAX_GRID (the smallest and largest tile grid's side, see `llavakit init
-# --min-tiles`), ANYRES_MAX (`init --max-tiles`: the features of more tiles are scaled down to these), TEST
+# learning rate), MIN_TILES and MAX_GRID (the smallest and largest tile grid's side, default 2 and 4:
+# with the 192-px tower, grids of 384 to 768 px and a base view of 6x6 patches; see `llavakit init
+# --min-tiles`), ANYRES_MAX (`init --max-tiles`, default 3: more tiles' features are scaled down to
+# these), TOWER (the tower's spec), TEST
 # (questions per test set) and SEED change the run, smaller for a try-out. PROCS (default 2) is the
 # number of data-parallel processes of stage 1 and 2 (torchrun, one thread each): on 2 cores, 1.28x
 # one process's speed.
@@ -27,7 +29,7 @@ N=${N:-60000}
 VIDEOS=${VIDEOS:-12000}
 TEST=${TEST:-700}
 SAVE_EVERY=${SAVE_EVERY:-250}
-TOWER=${TOWER:-siglip:image_size=128,patch_size=32,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512}
+TOWER=${TOWER:-siglip:image_size=192,patch_size=32,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512}
 TEXT=${TEXT:-qwen2:hidden_size=256,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,intermediate_size=512,max_position_embeddings=2048}
 mkdir -p "$WORK"
 
@@ -43,10 +45,10 @@ step() {  # step NAME COMMAND...: run once, time it, mark it done
 step data sh -c "$LLAVAKIT make-shapes --world free --out '$WORK/data' --n $N --per-image 2 --n-videos $VIDEOS \
     --n-test $TEST --seed $SEED --workers 2 > '$WORK/data.json'"
 step tower sh -c "$LLAVAKIT pretrain-tower --world free --out '$WORK/tower' --steps ${TOWER_STEPS:-6000} --batch-size 64 \
-    --lr 2e-3 --seed $SEED --workers 1 --min-tiles ${MIN_TILES:-1} --max-grid ${MAX_GRID:-6} --vision '$TOWER' \
+    --lr 2e-3 --seed $SEED --workers 1 --min-tiles ${MIN_TILES:-2} --max-grid ${MAX_GRID:-4} --vision '$TOWER' \
     > '$WORK/tower.json'"
 step init sh -c "$LLAVAKIT init --family llava_onevision --out '$WORK/init' --seed $SEED --vision '$WORK/tower' \
-    --min-tiles ${MIN_TILES:-1} --max-grid ${MAX_GRID:-6} --max-tiles ${ANYRES_MAX:-9} \
+    --min-tiles ${MIN_TILES:-2} --max-grid ${MAX_GRID:-4} --max-tiles ${ANYRES_MAX:-3} \
     --text '$TEXT' --tokenizer-corpus '$WORK/data/train.jsonl' --tokenizer-corpus '$WORK/data/captions.jsonl' > /dev/null"
 train() {  # one process, or PROCS under torchrun; the global batch is 32 either way
     if [ "$PROCS" -gt 1 ]; then
