@@ -172,7 +172,7 @@ def _new_tokenizer(kind: str, corpus: list[Path], vocab_size: int):
 MAX_GRID_SIDE = 6  # OneVision's published grids go up to 6x6 tiles
 
 
-def check_min_tiles(family: str, min_tiles: int, max_grid: int = MAX_GRID_SIDE) -> None:
+def check_grids(family: str, min_tiles: int, max_grid: int = MAX_GRID_SIDE) -> None:
     """Refuse a smallest or largest grid side that `_pinpoints` cannot honour, with what to pass instead."""
     custom = min_tiles != 1 or max_grid != MAX_GRID_SIDE
     if custom and family in FAMILIES and not _family(family).caps_tiles:
@@ -212,7 +212,7 @@ def init_checkpoint(out: Path, family: str, vision: str, text: str, corpus: list
     """
     if vision_init not in ("random", "structured"):
         raise ConfigError(f"--vision-init must be random or structured, got {vision_init!r}.")
-    check_min_tiles(family, min_tiles, max_grid)
+    check_grids(family, min_tiles, max_grid)
     from tokenizers import AddedToken, Tokenizer
 
     if family not in FAMILIES:

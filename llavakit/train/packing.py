@@ -61,7 +61,8 @@ def pack(members: list[Example], media_ids: set[int]) -> list[Example]:
         same = next((j for j, (a, b) in enumerate(zip(first, m.input_ids)) if a != b), len(m.input_ids))
         common = min(common, same)
     # ids[p] begins each segment, so labels[:p + 1] must hold no target
-    p = min([common] + [next(j for j, v in enumerate(m.labels) if v != IGNORE) - 1 for m in members])
+    p = min([common] + [next((j for j, v in enumerate(m.labels) if v != IGNORE), len(m.labels)) - 1
+                          for m in members])
     if p < 1 or any(t in media_ids for m in members for t in m.input_ids[p:]):
         return members
     ids, labels, positions, segments = list(first[:p]), list(members[0].labels[:p]), list(range(p)), [0] * p

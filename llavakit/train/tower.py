@@ -43,8 +43,7 @@ from ..progress import StatusLine, clock
 from ..weights import write_tensors
 from . import scenes
 from . import shapes as S
-from .assemble import (_VISION, MAX_GRID_SIDE, VISION_SIZE_KEYS, _init_random, _pinpoints, check_min_tiles,
-                       parse_spec)
+from .assemble import _VISION, MAX_GRID_SIDE, VISION_SIZE_KEYS, _init_random, _pinpoints, check_grids, parse_spec
 
 CLASSES = [(c, k) for c in S.COLORS for k in S.KINDS]  # token class i + 1; 0 is "no shape's centre here"
 _ARCH = {k: t.architecture for k, t in TOWERS.items()}
@@ -290,7 +289,7 @@ def pretrain_tower(out: Path, vision: str, steps: int = 400, batch_size: int = 6
         raise ConfigError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}.")
     if workers not in (0, 1):
         raise ConfigError(f"workers must be 0 (draw pictures in this process) or 1, got {workers}.")
-    check_min_tiles("llava_onevision", min_tiles, max_grid)  # the free world's views are OneVision's
+    check_grids("llava_onevision", min_tiles, max_grid)  # the free world's views are OneVision's
     torch.manual_seed(seed)
     tower = VisionTower(cfg)
     _init_random(tower, cfg.hidden_size)  # transformers' initialisation, as init gives a spec tower
