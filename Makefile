@@ -36,7 +36,7 @@ test: $(VENV)/.installed-test
 shapes-model: $(VENV)/.installed-test
 	LLAVAKIT=$(BIN)/llavakit scripts/train_shapes_model.sh shapes-run
 
-# The free shapes world's model (docs/shapes-world.md; not the shipped one yet): about 100 minutes on 2
+# The free shapes world's model (docs/shapes-world.md; not the shipped one yet): about 95 minutes on 2
 # cores, resumable (a finished step is skipped, stage 2 goes on from its last checkpoint).
 shapes-free-model: $(VENV)/.installed-test
 	LLAVAKIT=$(BIN)/llavakit PYTHON=$(BIN)/python scripts/train_free_shapes_model.sh shapes-free-run
