@@ -44,10 +44,7 @@ def media_groups(keys: list[str | None]) -> list[list[int]]:
 
 def pack_batch(examples: list[Example], keys: list[str | None], media_ids: set[int]) -> list[Example]:
     """A micro-batch's examples with those of equal media key packed (`pack`), in first-seen order."""
-    by_key: dict[str | int, list[Example]] = {}
-    for i, (e, key) in enumerate(zip(examples, keys)):
-        by_key.setdefault(key if key is not None else i, []).append(e)
-    return [packed for members in by_key.values() for packed in pack(members, media_ids)]
+    return [packed for group in media_groups(keys) for packed in pack([examples[i] for i in group], media_ids)]
 
 
 def pack(members: list[Example], media_ids: set[int]) -> list[Example]:
