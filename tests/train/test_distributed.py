@@ -33,11 +33,9 @@ from llavakit.errors import ConfigError
 from llavakit.train.assemble import init_checkpoint
 from llavakit.train.loop import TrainConfig, TrainError, train
 
+from tiny_training import COLORS, TEXT, VISION, write_records
+
 ROOT = Path(__file__).resolve().parents[2]
-VISION = "siglip:image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
-TEXT = ("qwen2:hidden_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
-        "intermediate_size=128,max_position_embeddings=1024")
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
 LAUNCH_TIMEOUT_S = 150
 
 
@@ -55,9 +53,7 @@ def _write_data(folder: Path, n: int = 12) -> Path:
         Image.new("RGB", (32 + 8 * (i % 2), 32), COLORS[name]).save(folder / f"{i}.png")
         lines.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": name}]})
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
+    return write_records(folder, lines)
 
 
 def _free_port() -> int:

@@ -19,10 +19,8 @@ from llavakit.train.data import collate, encode_example, read_records
 from llavakit.train.loop import TrainConfig, _order, load_dataset, train
 from llavakit.train.objective import loss_sum
 
-VISION = "siglip:image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
-TEXT = ("qwen2:hidden_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
-        "intermediate_size=128,max_position_embeddings=1024")
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+from tiny_training import COLORS, TEXT, VISION, write_records
+
 QUESTIONS = [("What colour is the picture?", "{c}"), ("Is the picture bright?", "no, it is {c}"),
              ("Name its colour in one word.", "{c}.")]
 
@@ -40,9 +38,7 @@ def _write_data(folder: Path, pictures: int = 6) -> Path:
             if k == 1:
                 turns += [{"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a rectangle"}]
             lines.append({"id": f"{i}-{k}", "image": f"{i}.png", "conversations": turns})
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
+    return write_records(folder, lines)
 
 
 @pytest.fixture(scope="module")

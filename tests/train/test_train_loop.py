@@ -19,10 +19,7 @@ from llavakit.train import lora
 from llavakit.train.assemble import init_checkpoint
 from llavakit.train.loop import TrainConfig, TrainError, train
 
-VISION = "siglip:image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
-TEXT = ("qwen2:hidden_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2,"
-        "intermediate_size=128,max_position_embeddings=1024")
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+from tiny_training import COLORS, TEXT, VISION, write_records
 
 
 def _write_data(folder: Path, n: int = 12) -> Path:
@@ -35,9 +32,7 @@ def _write_data(folder: Path, n: int = 12) -> Path:
         lines.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the picture?"}, {"from": "gpt", "value": name},
             {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "yes"}]})
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
+    return write_records(folder, lines)
 
 
 @pytest.fixture(scope="module")
